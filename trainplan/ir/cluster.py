@@ -1,0 +1,135 @@
+"""The cluster a plan runs on: devices, their memory and speed, and the links between them.
+
+Hardware numbers are data: presets live in ``trainplan/ir/presets/*.yaml`` and a spec may
+override any field of one (``cluster: {preset: a100-80g, nodes: 4, device: {memory: "40 GiB"}}``).
+Bandwidths are per device and per direction, in bytes/s; latencies in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, PositiveInt, model_validator
+
+from trainplan.ir.base import Strict
+from trainplan.ir.units import Bytes, BytesPerSecond, FlopsPerSecond, Seconds
+
+Dtype = Literal["fp32", "tf32", "bf16", "fp16"]
+
+
+class Device(Strict):
+    name: str = Field(description="Device model, e.g. 'A100-SXM4-80GB'.")
+    memory: Bytes = Field(description="Memory per device: bytes or a string like '80 GiB'.")
+    peak_flops: dict[Dtype, FlopsPerSecond] = Field(
+        description="Dense peak FLOP/s per dtype (vendor datasheet, no sparsity)."
+    )
+    efficiency: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Fraction of peak that large GEMMs achieve in practice; the cost model "
+        "scales it down for small GEMMs.",
+    )
+    memory_reserved: Bytes = Field(
+        0,
+        description="Memory the framework and libraries hold before any tensor exists "
+        "(CUDA context, NCCL buffers, allocator fragmentation).",
+    )
+    power_w: float | None = Field(None, ge=0, description="Board power in watts, for energy estimates.")
+    price_per_hour: float | None = Field(
+        None, ge=0, description="Price of one device for one hour, for cost estimates."
+    )
+
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s for ``dtype``; fp32 math falls back to tf32 only if fp32 is missing."""
+        if dtype in self.peak_flops:
+            return self.peak_flops[dtype]  # type: ignore[index]
+        if dtype == "fp32" and "tf32" in self.peak_flops:
+            return self.peak_flops["tf32"]
+        raise KeyError(dtype)
+
+
+class Link(Strict):
+    bandwidth: BytesPerSecond = Field(
+        description="Bytes/s per device per direction: '300 GB/s' or '200 Gb/s'."
+    )
+    latency: Seconds = Field(description="Per-message latency (alpha), e.g. '5 us'.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> "Link":
+        if self.bandwidth <= 0:
+            raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
+        return self
+
+
+class Cluster(Strict):
+    name: str = Field(description="A label for reports.")
+    preset: str | None = Field(None, description="The preset this description started from.")
+    nodes: PositiveInt = Field(1, description="Number of nodes (hosts).")
+    devices_per_node: PositiveInt = Field(description="Accelerators (or CPU processes) per node.")
+    device: Device
+    intra_node: Link = Field(description="Link between devices of one node (NVLink/NVSwitch, shared memory).")
+    inter_node: Link = Field(
+        description="Network between nodes, per device: the node's NIC bandwidth divided among its devices."
+    )
+    backend: Literal["nccl", "gloo"] = Field("nccl", description="torch.distributed backend.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def link_for_span(self, span_devices: int) -> Link:
+        """The slowest link a group of ``span_devices`` consecutive ranks crosses."""
+        return self.intra_node if span_devices <= self.devices_per_node else self.inter_node
+
+
+def preset_names() -> list[str]:
+    root = resources.files("trainplan.ir") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+@cache
+def _preset_text(name: str) -> str:
+    return (resources.files("trainplan.ir") / "presets" / f"{name}.yaml").read_text()
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The raw description of a preset, for merging overrides into."""
+    if name not in preset_names():
+        known = ", ".join(preset_names())
+        raise ValueError(f"unknown preset {name!r}; known presets: {known}")
+    data = yaml.safe_load(_preset_text(name))
+    data["preset"] = name
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, recursively for nested mappings; inputs unchanged."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def expand_preset(raw: Any) -> Any:
+    """A spec's ``cluster`` mapping with its ``preset`` (if any) expanded and overrides applied."""
+    if isinstance(raw, str):
+        raw = {"preset": raw}
+    if not isinstance(raw, dict) or "preset" not in raw or raw.get("preset") is None:
+        return raw
+    name = raw["preset"]
+    if not isinstance(name, str):
+        raise ValueError(f"preset: expected a preset name, got {name!r}")
+    overrides = {k: v for k, v in raw.items() if k != "preset"}
+    return deep_merge(preset_dict(name), overrides)
+
+
+def load_preset(name: str, **overrides: Any) -> Cluster:
+    return Cluster.model_validate(expand_preset({"preset": name, **overrides}))

@@ -1,0 +1,31 @@
+"""Architecture facts a model declares about itself, for closed-form costs.
+
+The graph front end measures everything it can from the traced graph; a transformer additionally
+declares its shape so the cost model can use the published per-layer formulas (Korthikanti et al.
+2022 activations, Megatron-LM Eq. 2/3 parameters and FLOPs) and tensor-parallel sharding rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class TransformerFacts:
+    """Shape of a stack of identical transformer layers.
+
+    Units: counts (layers, heads, ...) and elements (hidden, ffn_hidden, vocab, seq_len).
+    """
+
+    kind: Literal["decoder", "encoder"]
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn_hidden: int
+    vocab: int
+    seq_len: int
+    tied_embeddings: bool
+    gated_mlp: bool = False
+    learned_positions: bool = True
