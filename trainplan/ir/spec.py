@@ -176,13 +176,15 @@ class ParallelSpec(Strict):
 class Spec(Strict):
     version: Literal[1] = Field(SPEC_VERSION, description="Spec format version.")
     name: str = Field(description="A name for the run; used in reports and output paths.")
-    model: ModelSpec
-    task: TaskSpec = Field(default_factory=TaskSpec)
-    training: TrainingSpec
+    model: ModelSpec = Field(description="What to train: a catalogue model, an import path or a Hugging Face config.")
+    task: TaskSpec = Field(default_factory=TaskSpec, description="The loss and the data (synthetic by default).")
+    training: TrainingSpec = Field(description="Batch, precision, optimizer, steps and seed.")
     cluster: Cluster = Field(
         description="{preset: NAME, nodes: N, ...overrides} or a whole description (see docs/spec-reference.md)."
     )
-    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    parallel: ParallelSpec = Field(
+        default_factory=ParallelSpec, description="Parallel layout; omitted fields are 'auto' (searched)."
+    )
     objective: Literal["throughput", "memory"] = Field(
         "throughput", description="throughput: fastest plan that fits; memory: least memory per device."
     )
