@@ -29,11 +29,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate(args: argparse.Namespace) -> int:
-    from trainplan.runtime.calibrate import calibrate_main
-
-    return calibrate_main(args.rest)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -47,15 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("calibrate", help="measure this machine and write a cluster description", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_calibrate)
+    # `calibrate` owns its flags (trainplan.runtime.calibrate); main() hands it the raw arguments.
+    sub.add_parser("calibrate", help="measure this machine and write a cluster description (see --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["calibrate"]:
+            from trainplan.runtime.calibrate import calibrate_main
+
+            return calibrate_main(argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
     except TrainplanError as exc:
         print(f"trainplan: error: {exc}", file=sys.stderr)
