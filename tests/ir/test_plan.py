@@ -42,6 +42,7 @@ def make_plan(**overrides) -> dict:
         "sync": "sync",
         "compression": "none",
         "stages": stages,
+        "model": {"params": 174615846912, "flops_per_sample": 2.2e15, "layers": 96},
         "estimate": {
             "step_time_s": 10.0,
             "samples_per_s": 153.6,

@@ -90,6 +90,20 @@ class Alternative(Strict):
     reason: str = Field(description="Why it lost, e.g. '12% slower: DP all-reduce crosses nodes'.")
 
 
+class ModelSummary(Strict):
+    params: NonNegativeInt = Field(description="Parameters of the whole model (tied ones once).")
+    flops_per_sample: NonNegativeFloat = Field(description="Training FLOPs (forward + backward, no recompute) per sample.")
+    layers: NonNegativeInt = Field(0, description="Repeated blocks (transformer layers), 0 if none.")
+
+
+class SearchStats(Strict):
+    """Deterministic facts about the search (wall time lives in report.json, not in the plan)."""
+
+    candidates: NonNegativeInt = Field(description="Layouts enumerated.")
+    evaluated: NonNegativeInt = Field(description="Layouts costed (the rest were pruned by bounds).")
+    feasible: NonNegativeInt = Field(description="Evaluated layouts that fit in memory.")
+
+
 class Plan(Strict):
     version: Literal[1] = Field(PLAN_VERSION, description="Plan format version.")
     spec: Spec = Field(description="The spec this plan was made from (cluster expanded).")
@@ -109,7 +123,9 @@ class Plan(Strict):
         default_factory=dict, description="Tensor-parallel style per module path (empty when tp = 1)."
     )
     stages: list[StagePlan]
+    model: ModelSummary
     estimate: Estimate
+    search: SearchStats | None = Field(None, description="None for hand-written plans.")
     alternatives: list[Alternative] = Field(default_factory=list)
     collective_timeout_s: PositiveInt = Field(600, description="Timeout of every collective in the run.")
     notes: list[str] = Field(default_factory=list, description="Decisions the planner wants a person to read.")

@@ -1,0 +1,280 @@
+"""`trainplan calibrate`: the pure fitting/aggregation functions, the cluster it builds, and real
+multi-process runs on gloo (a full quick calibration, a worker that fails, a worker that hangs)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainplan.ir.cluster import Cluster, load_preset
+from trainplan.ir.loading import load
+from trainplan.runtime.calibrate import (
+    BenchPlan,
+    CalibrationError,
+    Gemm,
+    GemmTiming,
+    Measurement,
+    WorkerContext,
+    available_memory_bytes,
+    bench_plan,
+    bus_bandwidth,
+    calibrate,
+    calibrate_main,
+    cluster_from_measurement,
+    fit_alpha_beta,
+    gemm_efficiency,
+    link_from_p2p,
+    peak_flops,
+    render_yaml,
+    run_local_workers,
+    slowest_rank,
+    threads_per_process,
+    transformer_gemms,
+    write_atomic,
+)
+
+SIZES = [4096 * 4**i for i in range(8)]  # 4 KiB .. 64 MiB
+
+
+def hockney(alpha: float, beta: float) -> list[float]:
+    return [alpha + n / beta for n in SIZES]
+
+
+def children() -> set[int]:
+    """Live child processes of this process (from /proc: the field after the command is the parent)."""
+    me, out = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out.add(int(stat.parent.name))
+    return out
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+@settings(max_examples=200, deadline=None)
+@given(alpha=st.floats(1e-7, 1e-2), beta=st.floats(1e6, 1e12))
+def test_fit_recovers_exact_alpha_beta(alpha: float, beta: float) -> None:
+    a, b = fit_alpha_beta(SIZES, hockney(alpha, beta))
+    assert a == pytest.approx(alpha, rel=1e-6)
+    assert b == pytest.approx(beta, rel=1e-6)
+
+
+def test_fit_recovers_alpha_beta_through_noise() -> None:
+    rng = random.Random(0)
+    alpha, beta = 50e-6, 2.5e9
+    sizes = SIZES * 5
+    times = [(alpha + n / beta) * (1 + rng.gauss(0, 0.02)) for n in sizes]
+    a, b = fit_alpha_beta(sizes, times)
+    assert a == pytest.approx(alpha, rel=0.05)
+    assert b == pytest.approx(beta, rel=0.05)
+
+
+def test_fit_weights_small_messages_for_latency() -> None:
+    # An unweighted fit would let one 1 % error at 64 MiB (270 us here) swamp a 20 us latency.
+    times = hockney(20e-6, 1e9)
+    times[-1] *= 1.01
+    a, _ = fit_alpha_beta(SIZES, times)
+    assert a == pytest.approx(20e-6, rel=0.1)
+
+
+def test_fit_rejects_what_it_cannot_fit() -> None:
+    with pytest.raises(ValueError, match="two distinct"):
+        fit_alpha_beta([4096, 4096], [1e-5, 2e-5])
+    with pytest.raises(ValueError, match="does not grow"):
+        fit_alpha_beta([4096, 65536], [2e-5, 1e-5])
+    with pytest.raises(ValueError, match="positive"):
+        fit_alpha_beta([4096, 65536], [0.0, 1e-5])
+
+
+def test_bus_bandwidth_follows_nccl_tests() -> None:
+    assert bus_bandwidth(1e9, 1.0, 2) == pytest.approx(1e9)  # 2(n-1)/n = 1 for two ranks
+    assert bus_bandwidth(1e9, 0.5, 8) == pytest.approx(2e9 * 1.75)
+    with pytest.raises(ValueError):
+        bus_bandwidth(1e9, 1.0, 1)
+
+
+@pytest.mark.parametrize(("cores", "nproc", "threads"), [(2, 2, 1), (16, 2, 8), (2, 4, 1), (1, 1, 1), (8, 3, 2)])
+def test_threads_share_the_cores(cores: int, nproc: int, threads: int) -> None:
+    assert threads_per_process(cores, nproc) == threads
+
+
+def test_gemm_flops_and_transformer_shapes() -> None:
+    up, down = transformer_gemms(2048, 768)
+    assert (up.m, up.k, up.n) == (2048, 768, 3072) and (down.m, down.k, down.n) == (2048, 3072, 768)
+    assert up.flops == down.flops == 2 * 2048 * 768 * 3072
+
+
+def timing(dtype: str, family: str, size: int, gflops: float) -> GemmTiming:
+    g = Gemm(size, size, size, family)
+    return GemmTiming(dtype, g, g.flops / (gflops * 1e9))
+
+
+def test_peak_is_best_and_efficiency_is_transformer_median_over_best() -> None:
+    ts = [timing("fp32", "square", 256, 50), timing("fp32", "square", 1024, 100),
+          timing("fp32", "transformer", 512, 60), timing("fp32", "transformer", 768, 70),
+          timing("fp32", "transformer", 1024, 90), timing("bf16", "square", 512, 30)]
+    peaks = peak_flops(ts)
+    assert peaks == pytest.approx({"fp32": 100e9, "bf16": 30e9})
+    assert gemm_efficiency(ts, "fp32") == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="transformer-shaped bf16"):
+        gemm_efficiency(ts, "bf16")
+
+
+def test_slowest_rank_sets_the_pace() -> None:
+    fast, slow = timing("fp32", "square", 512, 100), timing("fp32", "square", 512, 40)
+    other = timing("bf16", "square", 512, 20)
+    merged = slowest_rank([[fast, other], [slow]])
+    assert sorted(merged, key=lambda t: t.dtype) == [other, slow]
+
+
+def test_bench_plan_sizes_and_json_round_trip() -> None:
+    full, quick = bench_plan(quick=False, cuda=False), bench_plan(quick=True, cuda=False)
+    assert full.comm_sizes[0] == 4 * 2**10 and full.comm_sizes[-1] == 64 * 2**20
+    assert len(quick.comm_sizes) < len(full.comm_sizes) and quick.repeats < full.repeats
+    assert {g.family for g in quick.gemms} == {"square", "transformer"}
+    for plan in (full, quick, bench_plan(quick=False, cuda=True)):
+        assert BenchPlan.from_json(plan.to_json()) == plan
+
+
+def test_available_memory_is_plausible() -> None:
+    assert 64 * 2**20 < available_memory_bytes() < 2**50
+
+
+# ---------------------------------------------------------------- cluster building and writing
+
+
+def measurement(nproc: int = 2, p2p: bool = True) -> Measurement:
+    ts = (timing("fp32", "square", 512, 80), timing("fp32", "transformer", 1024, 60))
+    pp = tuple((n, t) for n, t in zip(SIZES, hockney(40e-6, 3e9))) if p2p else ()
+    ar = tuple((n, 2 * t) for n, t in pp)
+    return Measurement(backend="gloo", nproc=nproc, threads=1, quick=True, device_name="test CPU",
+                       memory=8 * 2**30, memory_reserved=300 * 2**20, gemms=ts, p2p=pp, allreduce=ar,
+                       started_utc="2026-01-01T00:00:00+00:00", wall_s=1.0)
+
+
+def test_cluster_from_measurement_uses_only_measured_numbers() -> None:
+    c = cluster_from_measurement(measurement(), base="cpu-local")
+    assert c.devices_per_node == 2 and c.nodes == 1 and c.backend == "gloo" and c.preset == "cpu-local"
+    assert c.device.peak_flops == pytest.approx({"fp32": 80e9})  # no bf16/fp16 guesses kept from the preset
+    assert c.device.efficiency == pytest.approx(0.75)
+    assert c.device.memory == 8 * 2**30 and c.device.memory_reserved == 300 * 2**20
+    assert c.intra_node.bandwidth == pytest.approx(3e9, rel=1e-3)
+    assert c.intra_node.latency == pytest.approx(40e-6, rel=1e-3)
+    assert c.inter_node == c.intra_node
+
+
+def test_single_process_takes_links_from_the_base_or_says_how() -> None:
+    with pytest.raises(CalibrationError, match="--nproc 2 or more, or pass --base"):
+        cluster_from_measurement(measurement(nproc=1, p2p=False), base=None)
+    c = cluster_from_measurement(measurement(nproc=1, p2p=False), base="cpu-local")
+    assert c.intra_node == load_preset("cpu-local").intra_node
+    with pytest.raises(CalibrationError, match="unknown preset"):
+        cluster_from_measurement(measurement(), base="no-such-preset")
+
+
+def test_non_positive_fitted_latency_falls_back_to_the_fastest_message() -> None:
+    times = hockney(-1e-6, 1e9)  # the line crosses zero: latency is below what the data resolve
+    link = link_from_p2p(list(zip(SIZES, times)))
+    assert link["latency"] == pytest.approx(min(times), rel=1e-3)
+    with pytest.raises(CalibrationError, match="cannot fit"):
+        link_from_p2p([(4096, 2e-5), (65536, 1e-5)])
+
+
+def test_yaml_reads_back_with_header_and_one_host_note(tmp_path: Path) -> None:
+    m = measurement()
+    c = cluster_from_measurement(m, base="cpu-local")
+    text = render_yaml(c, m)
+    assert text.startswith("# Measured by `trainplan calibrate`")
+    assert "inter_node repeats intra_node" in text and "busbw" in text
+    out = tmp_path / "c.yaml"
+    out.write_text("old")
+    write_atomic(out, text)
+    assert load(Cluster, out) == c
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]  # the temporary file was renamed away
+
+
+# ---------------------------------------------------------------- real processes
+
+
+def failing_worker(ctx: WorkerContext) -> dict:
+    if ctx.rank == 1:
+        raise ValueError("deliberate failure in rank 1")
+    dist.all_reduce(torch.ones(4))  # rank 0 waits on the dead peer: must not hang
+    return {}
+
+
+def sleeping_worker(ctx: WorkerContext) -> dict:
+    time.sleep(600)
+    return {}
+
+
+@pytest.fixture
+def importable_tests(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let worker processes import this test module as ``tests.runtime.test_calibrate``."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.mark.slow
+def test_worker_failure_is_a_clear_error_and_leaves_no_process(importable_tests: None) -> None:
+    before, start = children(), time.monotonic()
+    with pytest.raises(CalibrationError, match=r"^calibration failed: worker rank 1 exited with code 1: ValueError: deliberate failure in rank 1"):
+        run_local_workers("tests.runtime.test_calibrate:failing_worker", 2, backend="gloo", config={},
+                          threads=1, timeout_s=120)
+    assert time.monotonic() - start < 60
+    assert children() <= before
+
+
+@pytest.mark.slow
+def test_hanging_worker_is_killed_at_the_deadline(importable_tests: None) -> None:
+    before = children()
+    with pytest.raises(CalibrationError, match="did not finish within 3 s and were killed"):
+        run_local_workers("tests.runtime.test_calibrate:sleeping_worker", 2, backend="gloo", config={},
+                          threads=1, timeout_s=3)
+    assert children() <= before
+
+
+@pytest.mark.slow
+def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
+    before, out = children(), tmp_path / "c.yaml"
+    returned = calibrate(out, nproc=2, quick=True)
+    c = load(Cluster, out)
+    assert c == returned
+    assert c.backend == "gloo" and c.devices_per_node == 2 and c.inter_node == c.intra_node
+    assert set(c.device.peak_flops) >= {"fp32"} and all(f > 0 for f in c.device.peak_flops.values())
+    assert 0 < c.device.efficiency <= 1
+    assert 0 < c.device.memory_reserved < c.device.memory
+    assert 1e6 < c.intra_node.bandwidth < 1e12
+    assert 1e-9 < c.intra_node.latency < 1.0
+    assert children() <= before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
+
+
+@pytest.mark.slow
+def test_cli_single_process_prints_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert calibrate_main(["--nproc", "1", "--quick"]) == 0
+    text = capsys.readouterr().out
+    c = Cluster.model_validate(yaml.safe_load(text))
+    assert c.devices_per_node == 1 and c.intra_node == load_preset("cpu-local").intra_node
+    assert "Not measured (one process)" in text
+
+
+def test_cli_rejects_bad_arguments() -> None:
+    with pytest.raises(SystemExit):
+        calibrate_main(["--nproc", "0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(CalibrationError, match="--backend nccl needs CUDA"):
+            calibrate_main(["--backend", "nccl", "--quick"])

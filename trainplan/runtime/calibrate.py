@@ -1,0 +1,483 @@
+"""``trainplan calibrate``: measure this machine and write the cluster description the planner uses.
+
+One run spawns ``nproc`` local worker processes joined in a torch.distributed group (gloo on CPU,
+NCCL on CUDA). Every worker times matrix products at the same time as the others (so the figure
+is what one "device" achieves while its peers also compute), then the group times all-reduce and
+a rank 0 <-> rank 1 send/recv ping-pong over message sizes 4 KiB..64 MiB. The parent turns the
+timings into a :class:`~trainplan.ir.cluster.Cluster` (peak FLOP/s per dtype, efficiency, memory,
+and an alpha-beta link) and writes it as YAML, atomically, with a header saying how it was measured.
+
+The code is split across three modules:
+
+* :mod:`trainplan.runtime.local_workers` starts the processes. Workers rendezvous through a
+  ``FileStore`` in a private folder, with sockets pinned to loopback, a group timeout and a
+  parent deadline.
+* :mod:`trainplan.runtime.calibrate_bench` holds the timing code that runs inside each worker.
+* This module decides what to measure, analyses the timings, and builds and writes the cluster.
+  Any worker failure kills the others and raises :class:`CalibrationError` carrying the failed
+  worker's traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from trainplan.errors import TrainplanError
+from trainplan.ir.cluster import Cluster, deep_merge, preset_dict, preset_names
+from trainplan.ir.units import format_bytes
+from trainplan.runtime import local_workers
+from trainplan.runtime.local_workers import WorkerContext, WorkerError  # noqa: F401 - WorkerContext re-exported
+
+KiB, MiB = 2**10, 2**20
+WORKER_TARGET = "trainplan.runtime.calibrate_bench:calibration_worker"
+CPU_DTYPES = ("fp32", "bf16", "fp16")
+CUDA_DTYPES = ("fp32", "tf32", "bf16", "fp16")
+TORCH_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CalibrationError(TrainplanError):
+    """Calibration could not measure this machine; the message names the step, the cause and the fix."""
+
+
+# ---------------------------------------------------------------- what to measure
+
+
+@dataclass(frozen=True, slots=True)
+class Gemm:
+    """One matrix product ``(m, k) @ (k, n)``; ``family`` is ``'square'`` or ``'transformer'``."""
+
+    m: int
+    k: int
+    n: int
+    family: str
+
+    @property
+    def flops(self) -> int:
+        """2·m·k·n FLOPs: each of the m·n outputs is a length-k dot product (k multiplies, k adds)."""
+        return 2 * self.m * self.k * self.n
+
+
+def transformer_gemms(tokens: int, hidden: int) -> list[Gemm]:
+    """The two MLP products of a transformer layer with b·s = ``tokens``: (b·s, h)@(h, 4h) and
+    (b·s, 4h)@(4h, h), the 4h expansion of Vaswani et al. (2017) used by GPT and BERT."""
+    return [Gemm(tokens, hidden, 4 * hidden, "transformer"), Gemm(tokens, 4 * hidden, hidden, "transformer")]
+
+
+def squares(*sizes: int) -> list[Gemm]:
+    return [Gemm(s, s, s, "square") for s in sizes]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchPlan:
+    """Sizes and repeat counts of one calibration run (sent to the workers as JSON)."""
+
+    gemms: tuple[Gemm, ...]
+    dtypes: tuple[str, ...]
+    warmup: int
+    repeats: int
+    max_gemm_s: float  # once one product of a dtype takes this long, its larger shapes are skipped
+    min_sample_s: float  # products are batched per timed sample until a sample lasts this long
+    comm_sizes: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BenchPlan":
+        gemms = tuple(Gemm(**g) for g in data["gemms"])
+        rest = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "gemms"}
+        return cls(gemms=gemms, **rest)
+
+
+def bench_plan(quick: bool, cuda: bool) -> BenchPlan:
+    """The shapes that matter: squares plus transformer MLP products at sizes a plan for this kind
+    of device uses (GPT-2 small/medium widths on CPU, 4k-8k widths on GPUs)."""
+    sizes = tuple(4 * KiB * 4**i for i in range(8))  # 4 KiB .. 64 MiB
+    if cuda:
+        if quick:
+            gemms = squares(1024, 4096) + transformer_gemms(4096, 2048)
+        else:
+            gemms = squares(1024, 2048, 4096, 8192) + transformer_gemms(8192, 4096) + transformer_gemms(8192, 8192)
+        return BenchPlan(tuple(gemms), CUDA_DTYPES, 3 if quick else 5, 5 if quick else 10, 1.0, 2e-3,
+                         sizes[::2] if quick else sizes)
+    if quick:
+        gemms = squares(256, 512, 1024) + transformer_gemms(1024, 512)
+        return BenchPlan(tuple(gemms), CPU_DTYPES, 1, 3, 0.25, 2e-3, sizes[::2])
+    gemms = squares(256, 512, 1024, 2048) + transformer_gemms(2048, 768) + transformer_gemms(2048, 1024)
+    return BenchPlan(tuple(gemms), CPU_DTYPES, 2, 7, 2.0, 2e-3, sizes)
+
+
+def threads_per_process(cores: int, nproc: int) -> int:
+    """Intra-op threads of one worker: ``cores // nproc``, at least 1.
+
+    A CPU "device" in a plan is one worker process, and a run starts ``nproc`` of them on the same
+    cores at once; sharing the cores evenly is what each worker gets then. Measuring with all cores
+    would credit one worker with its peers' cores (and oversubscribe them when all run)."""
+    return max(1, cores // max(1, nproc))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def available_memory_bytes() -> int:
+    """Available RAM in bytes: ``MemAvailable`` of /proc/meminfo (kB), else free pages x page size."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+# ---------------------------------------------------------------- pure analysis
+
+
+def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
+    """Least-squares fit of the Hockney model ``t = alpha + bytes / beta``.
+
+    Returns ``(alpha seconds, beta bytes/s)``. Residuals are weighted by ``1 / t**2`` (relative
+    error), so the 4 KiB points that carry the latency count as much as the 64 MiB ones that carry
+    the bandwidth; an unweighted fit lets the big messages swamp alpha. Raises ``ValueError`` when
+    fewer than two distinct sizes are given or the time does not grow with the size.
+    """
+    if len(nbytes) != len(seconds) or len(set(nbytes)) < 2:
+        raise ValueError("fit_alpha_beta needs at least two distinct message sizes, one time each")
+    if min(seconds) <= 0:
+        raise ValueError(f"message times must be positive, got {min(seconds)}")
+    w = [1.0 / t**2 for t in seconds]
+    wsum = sum(w)
+    xbar = sum(wi * x for wi, x in zip(w, nbytes)) / wsum
+    ybar = sum(wi * t for wi, t in zip(w, seconds)) / wsum
+    sxy = sum(wi * (x - xbar) * (t - ybar) for wi, x, t in zip(w, nbytes, seconds))
+    sxx = sum(wi * (x - xbar) ** 2 for wi, x in zip(w, nbytes))
+    slope = sxy / sxx  # seconds per byte
+    if slope <= 0:
+        raise ValueError("message time does not grow with message size; the measurements are too noisy to fit")
+    return ybar - slope * xbar, 1.0 / slope
+
+
+def bus_bandwidth(nbytes: float, seconds: float, world_size: int) -> float:
+    """All-reduce bus bandwidth in bytes/s, as nccl-tests defines it (doc/PERFORMANCE.md):
+    ``busbw = algbw * 2(n-1)/n`` with ``algbw = bytes / time``; comparable to a link's bandwidth."""
+    if world_size < 2:
+        raise ValueError(f"bus bandwidth needs at least 2 ranks, got {world_size}")
+    return nbytes / seconds * 2 * (world_size - 1) / world_size
+
+
+@dataclass(frozen=True, slots=True)
+class GemmTiming:
+    dtype: str
+    gemm: Gemm
+    seconds: float
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.gemm.flops / self.seconds
+
+
+def slowest_rank(per_rank: Sequence[Sequence[GemmTiming]]) -> list[GemmTiming]:
+    """Per (dtype, shape), the slowest rank's time: a synchronous step waits for the slowest device."""
+    worst: dict[tuple[str, Gemm], GemmTiming] = {}
+    for timings in per_rank:
+        for t in timings:
+            key = (t.dtype, t.gemm)
+            if key not in worst or t.seconds > worst[key].seconds:
+                worst[key] = t
+    return list(worst.values())
+
+
+def peak_flops(timings: Sequence[GemmTiming]) -> dict[str, float]:
+    """FLOP/s per dtype: the best shape measured (an achieved peak, not a datasheet one)."""
+    best: dict[str, float] = {}
+    for t in timings:
+        best[t.dtype] = max(best.get(t.dtype, 0.0), t.flops_per_s)
+    return best
+
+
+def gemm_efficiency(timings: Sequence[GemmTiming], dtype: str) -> float:
+    """Median FLOP/s of the transformer-shaped products of ``dtype`` over the best of ``dtype``.
+
+    ``Device.efficiency`` is the fraction of ``peak_flops`` that a training step's large GEMMs
+    reach. Our peak is already the best measured product, so the efficiency is how far the shapes a
+    transformer layer really runs ((b·s, h)@(h, 4h) and back) fall short of it; the median over
+    their sizes keeps one lucky or unlucky sample from setting it."""
+    best = peak_flops(timings).get(dtype)
+    typical = [t.flops_per_s for t in timings if t.dtype == dtype and t.gemm.family == "transformer"]
+    if not best or not typical:
+        raise ValueError(f"no transformer-shaped {dtype} products were measured")
+    return min(1.0, statistics.median(typical) / best)
+
+
+# ---------------------------------------------------------------- launching the workers
+
+
+def run_local_workers(target: str, nproc: int, *, backend: str, config: dict[str, Any], threads: int,
+                      timeout_s: float, group_timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """:func:`trainplan.runtime.local_workers.run_local_workers` for calibration. Messages are
+    labelled "calibration" and the deadline message gives the calibrate fix, and a
+    :class:`~trainplan.runtime.local_workers.WorkerError` is raised again as
+    :class:`CalibrationError` with the same message."""
+    try:
+        return local_workers.run_local_workers(
+            target, nproc, backend=backend, config=config, threads=threads, timeout_s=timeout_s,
+            group_timeout_s=group_timeout_s, label="calibration",
+            timeout_hint="Fix: run on a less loaded machine, use --quick, or raise --timeout.")
+    except WorkerError as exc:
+        raise CalibrationError(str(exc)) from None
+
+
+# ---------------------------------------------------------------- parent: measure, build, write
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """Everything one calibration run measured; times in seconds, sizes in bytes."""
+
+    backend: str
+    nproc: int
+    threads: int
+    quick: bool
+    device_name: str
+    memory: int
+    memory_reserved: int
+    gemms: tuple[GemmTiming, ...]
+    p2p: tuple[tuple[int, float], ...]
+    allreduce: tuple[tuple[int, float], ...]
+    started_utc: str
+    wall_s: float
+
+
+def resolve_backend(backend: str | None) -> str:
+    """``nccl`` when CUDA and NCCL are there, else ``gloo``; an explicit choice is checked."""
+    if not dist.is_available():
+        raise CalibrationError("this torch build has no torch.distributed; calibration needs it")
+    nccl = torch.cuda.is_available() and dist.is_nccl_available()
+    if backend is None:
+        return "nccl" if nccl else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise CalibrationError(f"--backend: expected 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and not nccl:
+        raise CalibrationError("--backend nccl needs CUDA GPUs and a torch built with NCCL; use --backend gloo")
+    return backend
+
+
+def default_nproc(backend: str) -> int:
+    """2 CPU processes (the smallest group that has links), or one process per visible GPU."""
+    return torch.cuda.device_count() if backend == "nccl" else 2
+
+
+def _check_nproc(nproc: int, backend: str) -> None:
+    if nproc < 1:
+        raise CalibrationError(f"--nproc: expected a positive number of processes, got {nproc}")
+    if backend == "nccl" and nproc > torch.cuda.device_count():
+        raise CalibrationError(f"--nproc {nproc} with NCCL needs {nproc} GPUs, but "
+                               f"{torch.cuda.device_count()} are visible; pass --nproc {torch.cuda.device_count()}")
+
+
+def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
+            timeout_s: float | None = None) -> Measurement:
+    """Spawn the workers, time products and collectives, and gather the timings."""
+    backend = resolve_backend(backend)
+    _check_nproc(nproc, backend)
+    threads = threads_per_process(usable_cores(), nproc)
+    plan = bench_plan(quick, cuda=backend == "nccl")
+    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.monotonic()
+    cpu_memory = available_memory_bytes() // nproc  # read before the workers take their share
+    results = run_local_workers(WORKER_TARGET, nproc, backend=backend, config=plan.to_json(), threads=threads,
+                                timeout_s=timeout_s or (180.0 if quick else 1800.0))
+    per_rank = [[GemmTiming(g["dtype"], Gemm(**g["gemm"]), g["seconds"]) for g in r["gemms"]] for r in results]
+    cuda = backend == "nccl"
+    return Measurement(
+        backend=backend, nproc=nproc, threads=threads, quick=quick,
+        device_name=results[0]["device_name"] if cuda else f"{cpu_model_name()} ({threads} thread(s) per process)",
+        memory=min(r["memory"]["total"] for r in results) if cuda else cpu_memory,
+        memory_reserved=max(r["memory"]["reserved"] for r in results),
+        gemms=tuple(slowest_rank(per_rank)),
+        p2p=tuple((int(n), float(s)) for n, s in results[0].get("p2p", [])),
+        allreduce=tuple((int(n), float(s)) for n, s in results[0].get("allreduce", [])),
+        started_utc=started, wall_s=time.monotonic() - t0)
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def link_from_p2p(p2p: Sequence[tuple[int, float]]) -> dict[str, float]:
+    """The alpha-beta link of the ping-pong timings. A non-positive fitted alpha means the latency is
+    below what the timings resolve; the fastest message's time is then used, an upper bound on it."""
+    sizes, times = [n for n, _ in p2p], [s for _, s in p2p]
+    try:
+        alpha, beta = fit_alpha_beta(sizes, times)
+    except ValueError as exc:
+        raise CalibrationError(f"cannot fit the p2p link: {exc}; run again on a less loaded machine") from None
+    return {"bandwidth": _sig(beta), "latency": _sig(alpha if alpha > 0 else min(times))}
+
+
+def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster:
+    """The cluster description of a measurement; ``base`` (a preset) fills what was not measured:
+    power and price, and the links when a single process had no peer to measure them with."""
+    if not m.gemms:
+        raise CalibrationError("no matrix product could be timed on this device")
+    if base is not None and base not in preset_names():
+        raise CalibrationError(f"--base: unknown preset {base!r}; known presets: {', '.join(preset_names())}")
+    peaks = peak_flops(m.gemms)
+    ref = "bf16" if m.backend == "nccl" and "bf16" in peaks else "fp32"
+    measured: dict[str, Any] = {
+        "name": f"calibrated {socket.gethostname()}", "nodes": 1, "devices_per_node": m.nproc,
+        "backend": m.backend,
+        "device": {"name": m.device_name, "memory": m.memory, "memory_reserved": m.memory_reserved,
+                   "efficiency": _sig(_efficiency(m.gemms, ref), 3)},
+    }
+    if m.p2p:
+        link = link_from_p2p(m.p2p)
+        measured.update(intra_node=link, inter_node=dict(link))
+    elif base is None:
+        raise CalibrationError("one process cannot measure links; run with --nproc 2 or more, "
+                               "or pass --base PRESET to take the link figures from a preset")
+    raw = deep_merge(preset_dict(base), measured) if base else measured
+    raw["device"]["peak_flops"] = {d: _sig(f) for d, f in peaks.items()}  # never keep a preset's guesses
+    return Cluster.model_validate(raw)
+
+
+def _efficiency(gemms: Sequence[GemmTiming], dtype: str) -> float:
+    try:
+        return gemm_efficiency(gemms, dtype)
+    except ValueError as exc:
+        raise CalibrationError(f"{exc}: smaller products already took longer than the per-product cap; "
+                               "run on a less loaded machine") from None
+
+
+def summary_lines(m: Measurement) -> list[str]:
+    """What was measured and how, for the YAML header and the terminal."""
+    mode = "quick" if m.quick else "full"
+    lines = [f"Measured by `trainplan calibrate` ({mode}) on {socket.gethostname()} at {m.started_utc} in "
+             f"{m.wall_s:.1f} s; torch {torch.__version__}, {m.backend}, {m.nproc} process(es) x {m.threads} "
+             "thread(s) (threads = cores // processes, what each worker of a run gets).",
+             "Matmul, all processes at once, median per shape, slowest rank; peak_flops = best shape per dtype;",
+             "efficiency = median transformer-shaped (b*s,h)@(h,4h) / (b*s,4h)@(4h,h) over best, same dtype:"]
+    for t in sorted(m.gemms, key=lambda t: (t.dtype, t.gemm.family, t.gemm.flops)):
+        shape = f"{t.gemm.m}x{t.gemm.k} @ {t.gemm.k}x{t.gemm.n}"
+        lines.append(f"  {t.dtype:4} {t.gemm.family:11} {shape:>22}: {t.flops_per_s / 1e9:8.1f} GFLOP/s")
+    if m.p2p:
+        lines.append("p2p ping-pong, one way; link = least-squares fit of time = latency + bytes / bandwidth:")
+        lines += [f"  {format_bytes(n):>10}: {s * 1e6:10.1f} us  {n / s / 1e9:8.3f} GB/s" for n, s in m.p2p]
+        lines.append("all-reduce (rank 0), bus bandwidth = algbw * 2(n-1)/n as in nccl-tests:")
+        lines += [f"  {format_bytes(n):>10}: {s * 1e6:10.1f} us  busbw {bus_bandwidth(n, s, m.nproc) / 1e9:8.3f} GB/s"
+                  for n, s in m.allreduce]
+    return lines
+
+
+def render_yaml(cluster: Cluster, m: Measurement) -> str:
+    """The cluster as YAML: a header comment from :func:`summary_lines`, then the fields."""
+    data = cluster.model_dump(mode="json", by_alias=True, exclude_none=True)
+    notes = {"intra_node": "Bandwidth in bytes/s, latency in seconds: the p2p fit above."
+                           if m.p2p else "Not measured (one process): taken from the base preset.",
+             "inter_node": "One host: nothing between nodes was measured, so inter_node repeats intra_node. "
+                           "For several hosts, write the network's figures here."}
+    out = [f"# {line}" for line in summary_lines(m)]
+    for key, value in data.items():
+        if key in notes:
+            out.append(f"# {notes[key]}")
+        out.append(yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False).rstrip())
+    text = "\n".join(out) + "\n"
+    if Cluster.model_validate(yaml.safe_load(text)) != cluster:
+        raise CalibrationError("internal error: the written cluster YAML does not read back the same")
+    return text
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``, so
+    a reader never sees half a file and an interrupted run leaves the old one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def calibrate(out_path: Path | None, *, nproc: int = 2, backend: str | None = None, quick: bool = False,
+              base: str | None = None, timeout_s: float | None = None) -> Cluster:
+    """Measure this machine with ``nproc`` processes and return (and write, if ``out_path``) its cluster.
+
+    ``base`` defaults to ``cpu-local`` on gloo and to no preset on NCCL."""
+    m = measure(nproc=nproc, backend=backend, quick=quick, timeout_s=timeout_s)
+    cluster = cluster_from_measurement(m, base if base is not None else _default_base(m.backend))
+    if out_path is not None:
+        write_atomic(Path(out_path), render_yaml(cluster, m))
+    return cluster
+
+
+def _default_base(backend: str) -> str | None:
+    return "cpu-local" if backend == "gloo" else None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainplan calibrate",
+                                description="Measure this machine and write a cluster description for the planner.")
+    p.add_argument("-o", "--output", type=Path, help="cluster YAML to write (default: print it)")
+    p.add_argument("--nproc", type=_positive_int, help="processes to measure with (default: 2 on CPU, one per GPU)")
+    p.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl when CUDA is there, else gloo")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (seconds, noisier)")
+    p.add_argument("--base", choices=preset_names(), help="preset for unmeasured fields (default: cpu-local on gloo)")
+    p.add_argument("--timeout", type=float, help="seconds before the workers are killed (default 180 quick, 1800)")
+    return p
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    """``trainplan calibrate``: measure, print what was measured, write or print the cluster YAML."""
+    args = build_parser().parse_args(argv)
+    backend = resolve_backend(args.backend)
+    nproc = args.nproc or default_nproc(backend)
+    m = measure(nproc=nproc, backend=backend, quick=args.quick, timeout_s=args.timeout)
+    cluster = cluster_from_measurement(m, args.base if args.base is not None else _default_base(backend))
+    text = render_yaml(cluster, m)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    write_atomic(args.output, text)
+    print("\n".join(summary_lines(m)))
+    print(f"wrote {args.output}")
+    return 0
