@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from trainplan.ir.graph import OpGraph
-from trainplan.ir.loading import load, validate
+from trainplan.ir.loading import load, read_yaml, validate
+from trainplan.ir.plan import Plan
 from trainplan.ir.spec import Spec
 from trainplan.models import build_model
 from trainplan.passes import build_graph
@@ -32,3 +33,20 @@ def trace(spec: Spec, base_dir: Path | None = None) -> OpGraph:
         dtype=COMPUTE_DTYPE[spec.training.precision],
         leaf_modules=tuple(spec.model.leaf_modules),
     )
+
+
+def plan(spec: Spec, base_dir: Path | None = None, keep: int = 10) -> tuple[Plan, float]:
+    """Trace the spec's model and search for the fastest plan that fits; (plan, search seconds)."""
+    from trainplan.planner import plan_from_graph
+
+    return plan_from_graph(spec, trace(spec, base_dir), keep)
+
+
+def load_plan(path: str | Path) -> Plan:
+    return load(Plan, path)
+
+
+def is_plan_file(path: str | Path) -> bool:
+    """A saved plan has a ``spec_hash`` at the top level; a spec never does."""
+    data = read_yaml(path)
+    return isinstance(data, dict) and "spec_hash" in data

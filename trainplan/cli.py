@@ -30,6 +30,46 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 
+def _with_cluster(spec_path: str, nodes: int | None, cluster: str | None):  # noqa: ANN202
+    """The spec with --cluster (preset name or cluster YAML file) and --nodes applied."""
+    from trainplan import api
+    from trainplan.ir.loading import read_yaml
+
+    spec = api.load_spec(spec_path)
+    if nodes is None and cluster is None:
+        return spec
+    data = spec.model_dump(mode="json", by_alias=True)
+    if cluster is not None:
+        data["cluster"] = read_yaml(cluster) if Path(cluster).is_file() else {"preset": cluster}
+    if nodes is not None:
+        data["cluster"]["nodes"] = nodes
+    try:
+        return api.spec_from_dict(data)
+    except SpecError as exc:
+        raise exc.with_source(f"{spec_path} (with --cluster/--nodes)") from None
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from trainplan import api
+    from trainplan.planner import report
+
+    if api.is_plan_file(args.spec):
+        plan, elapsed = api.load_plan(args.spec), None
+    else:
+        spec = _with_cluster(args.spec, args.nodes, args.cluster)
+        try:
+            plan, elapsed = api.plan(spec, base_dir=Path(args.spec).resolve().parent, keep=args.top)
+        except SpecError as exc:
+            raise exc.with_source(args.spec) from None
+    files = report.write_reports(plan, Path(args.out or Path("out") / plan.spec.name), elapsed)
+    rendered = {"text": report.summary_text, "json": lambda p: report.report_json(p, elapsed),
+                "md": report.report_markdown, "html": report.report_html}[args.format](plan)
+    print(rendered.rstrip("\n"))
+    if args.format == "text":
+        print("\nwrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainplan",
@@ -41,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="path to a spec YAML file")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("plan", help="search the fastest parallel plan that fits and write it with its reports")
+    p.add_argument("spec", help="a spec YAML file, or a plan.yaml to re-report without searching")
+    p.add_argument("-o", "--out", help="output folder (default: out/<spec name>)")
+    p.add_argument("--format", choices=("text", "json", "md", "html"), default="text", help="what to print")
+    p.add_argument("--nodes", type=int, help="override cluster.nodes")
+    p.add_argument("--cluster", help="a cluster preset name or a cluster YAML file (e.g. from `trainplan calibrate`)")
+    p.add_argument("--top", type=int, default=10, help="alternatives to keep in the report (default 10)")
+    p.set_defaults(func=_plan)
 
     # `calibrate` owns its flags (trainplan.runtime.calibrate); main() hands it the raw arguments.
     sub.add_parser("calibrate", help="measure this machine and write a cluster description (see --help)", add_help=False)

@@ -27,6 +27,16 @@ class Device(Strict):
     peak_flops: dict[Dtype, FlopsPerSecond] = Field(
         description="Dense peak FLOP/s per dtype (vendor datasheet, no sparsity)."
     )
+    memory_bandwidth: BytesPerSecond | None = Field(
+        None,
+        description="Device memory (HBM/DRAM) bandwidth, bytes/s; lets the cost model slow down "
+        "small, memory-bound GEMMs (roofline). None treats every GEMM as compute-bound.",
+    )
+    kernel_launch: Seconds = Field(
+        0.0,
+        description="Fixed cost per kernel (launch latency and tail), seconds; it makes small "
+        "micro-batches and thin tensor-parallel shards slower than their FLOPs alone suggest.",
+    )
     efficiency: float = Field(
         0.75,
         gt=0,

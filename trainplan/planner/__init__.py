@@ -1,0 +1,61 @@
+"""The auto-planner: cost model, search and reports. Imports ``ir``, never ``runtime``."""
+
+from __future__ import annotations
+
+import time
+
+from trainplan.errors import PlanningError
+from trainplan.ir.graph import OpGraph
+from trainplan.ir.plan import Plan
+from trainplan.ir.spec import Spec
+
+
+def context_for(spec: Spec):  # noqa: ANN201 - evaluate.Context (imported lazily to keep this module light)
+    from trainplan.planner.evaluate import Context
+
+    task = spec.task
+    tokens = task.seq_len if task.kind == "lm" and task.seq_len else 1
+    return Context(
+        cluster=spec.cluster,
+        precision=spec.training.precision,
+        optimizer=spec.training.optimizer,
+        global_batch=spec.training.global_batch,
+        tokens_per_sample=tokens,
+        allreduce=spec.parallel.allreduce,
+    )
+
+
+def plan_from_graph(spec: Spec, graph: OpGraph, keep: int = 10) -> tuple[Plan, float]:
+    """Search the spec's layouts for ``graph``; returns the plan and the search's wall time (s).
+
+    Raises :class:`PlanningError` naming the closest candidates and what would make them fit when
+    nothing fits, and when the fixed fields of the spec admit no layout at all.
+    """
+    from trainplan.planner.build_plan import build_plan
+    from trainplan.planner.explain import what_would_fit
+    from trainplan.planner.model_costs import model_costs_from_graph
+    from trainplan.planner.search import search
+
+    start = time.perf_counter()
+    model = model_costs_from_graph(graph)
+    ctx = context_for(spec)
+    result = search(model, spec.parallel, ctx, keep)
+    if not result.ranked:
+        raise PlanningError(_no_plan_message(spec, result, what_would_fit))
+    plan = build_plan(spec, model, result, ctx, keep)
+    return plan, time.perf_counter() - start
+
+
+def _no_plan_message(spec: Spec, result, advise) -> str:  # noqa: ANN001
+    fixed = spec.parallel.fixed()
+    world = spec.cluster.world_size
+    if result.candidates == 0:
+        return (
+            f"no layout of {world} devices satisfies the fixed parallel fields {fixed or '{}'} with "
+            f"training.global_batch {spec.training.global_batch}: dp x tp x pp must equal {world}, dp must divide "
+            "the global batch, tp must divide the heads and the MLP width; relax a fixed field or change the cluster"
+        )
+    limit = float(spec.cluster.device.memory)
+    lines = [f"no layout fits in {spec.cluster.device.name} memory ({result.evaluated} costed); the closest:"]
+    lines += [f"  {advise(ev, limit, world)}" for ev in result.infeasible[:3]]
+    return "\n".join(lines)

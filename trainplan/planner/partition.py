@@ -82,8 +82,12 @@ def _result(prefix: list[float], bounds: tuple[tuple[int, int], ...]) -> Partiti
     return Partition(bounds, tuple(prefix[j + 1] - prefix[i] for i, j in bounds))
 
 
-def partition(times: Sequence[float], p: int, fits: Fits = _always) -> Partition | None:
-    """The optimal split of ``times`` into ``p`` stages, or None if no split fits in memory."""
+def partition(times: Sequence[float], p: int, fits: Fits = _always, rel_tol: float = 1e-15) -> Partition | None:
+    """The optimal split of ``times`` into ``p`` stages, or None if no split fits in memory.
+
+    ``rel_tol``: the bisection stops when the bracket is this fraction of the bottleneck (the
+    returned stage times are exact sums; only the optimality is approximate to ``rel_tol``).
+    """
     n = len(times)
     if p < 1 or n < p:
         return None
@@ -102,7 +106,7 @@ def partition(times: Sequence[float], p: int, fits: Fits = _always) -> Partition
             lo = mid
         else:
             hi, best = mid, found
-        if hi - lo <= 1e-15 * max(hi, 1e-300):
+        if hi - lo <= rel_tol * max(hi, 1e-300):
             break
     return _result(prefix, best)
 

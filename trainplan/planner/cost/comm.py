@@ -1,0 +1,335 @@
+"""Communication time: alpha-beta costs of collectives and point-to-point transfers.
+
+A message of ``S`` bytes over a link of bandwidth ``B`` (bytes/s per rank per direction) and
+latency ``α`` (seconds) takes ``α + S/B`` (Hockney 1994, "The communication challenge for MPP").
+Each collective below is that model applied to the steps of its algorithm. ``n`` is the group size;
+sizes are the full (unsharded) buffer in bytes unless a docstring says otherwise.
+
+Which link a group uses depends on the level it spans (:func:`group_link`): a group inside one
+node uses the intra-node link, a group that crosses nodes the inter-node network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from trainplan.ir.cluster import Cluster
+from trainplan.ir.facts import TransformerFacts
+
+AllReduceAlgorithm = Literal["native", "ring", "tree", "hierarchical", "ps"]
+Compression = Literal["none", "fp16", "bf16", "topk", "powersgd"]
+
+
+class LinkLike(Protocol):
+    """Anything with a bandwidth (bytes/s per rank per direction) and a latency (s): a
+    :class:`~trainplan.ir.cluster.Link` or a :class:`LinkCost`."""
+
+    @property
+    def bandwidth(self) -> float: ...
+
+    @property
+    def latency(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCost:
+    """The link one rank of a group sees: bandwidth in bytes/s per direction, latency in s."""
+
+    bandwidth: float
+    latency: float
+    level: Literal["intra", "inter"]
+
+
+def _check(nbytes: float, n: int) -> None:
+    if nbytes < 0:
+        raise ValueError(f"message size must be non-negative bytes, got {nbytes}")
+    if n <= 0:
+        raise ValueError(f"group size must be positive, got {n}")
+
+
+# ----------------------------------------------------------------------------------- collectives
+
+
+def p2p_time_s(nbytes: float, link: LinkLike) -> float:
+    """One message between two ranks: ``α + S/B`` seconds (Hockney's model)."""
+    _check(nbytes, 1)
+    return link.latency + nbytes / link.bandwidth
+
+
+def ring_allreduce_time_s(nbytes: float, n: int, link: LinkLike) -> float:
+    """Ring all-reduce: ``2(n−1)/n · S/B + 2(n−1)·α`` seconds.
+
+    Patarasuk & Yuan 2009 ("Bandwidth optimal all-reduce algorithms for clusters of
+    workstations", Sec. 3): a reduce-scatter and an all-gather of ``n − 1`` steps each, every step
+    moving ``S/n`` bytes per rank.
+    """
+    _check(nbytes, n)
+    if n == 1:
+        return 0.0
+    return 2.0 * (n - 1) / n * nbytes / link.bandwidth + 2.0 * (n - 1) * link.latency
+
+
+def tree_allreduce_time_s(nbytes: float, n: int, link: LinkLike) -> float:
+    """Pipelined (double) binary tree all-reduce: ``2·⌈log2 n⌉·α + 2·S/B`` seconds.
+
+    Sanders, Speck & Träff 2009 ("Two-tree algorithms for full bandwidth broadcast, reduction and
+    scan", Sec. 3-4): two complementary binary trees each carry half the data, so a pipelined
+    reduction costs ``S/B`` plus a latency term proportional to the depth ``log2 n``, and the
+    broadcast back the same; NCCL's tree all-reduce is this algorithm. Pipeline fill beyond the
+    depth term is ignored.
+    """
+    _check(nbytes, n)
+    if n == 1:
+        return 0.0
+    return 2.0 * math.ceil(math.log2(n)) * link.latency + 2.0 * nbytes / link.bandwidth
+
+
+def reduce_scatter_time_s(nbytes: float, n: int, link: LinkLike) -> float:
+    """Ring reduce-scatter of an ``S``-byte buffer: ``(n−1)/n · S/B + (n−1)·α`` seconds.
+
+    Half of the ring all-reduce (Patarasuk & Yuan 2009, Sec. 3); ZeRO stage 2/3 and FSDP reduce
+    gradients this way (Rajbhandari et al. 2020, Sec. 7).
+    """
+    _check(nbytes, n)
+    if n == 1:
+        return 0.0
+    return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * link.latency
+
+
+def all_gather_time_s(nbytes: float, n: int, link: LinkLike) -> float:
+    """Ring all-gather producing an ``S``-byte buffer: ``(n−1)/n · S/B + (n−1)·α`` seconds.
+
+    The second half of the ring all-reduce (Patarasuk & Yuan 2009); ZeRO stage 3 / FSDP gather
+    parameters this way before each forward and backward (Rajbhandari et al. 2020, Sec. 7.2.3).
+    """
+    return reduce_scatter_time_s(nbytes, n, link)
+
+
+def allreduce_time_s(
+    nbytes: float, n: int, link: LinkLike, algorithm: Literal["native", "ring", "tree"]
+) -> float:
+    """All-reduce of ``S`` bytes among ``n`` ranks over one link level, by algorithm.
+
+    ``native`` is what the backend picks: NCCL's tuner chooses, per message size, the fastest of
+    its ring and tree algorithms (NCCL documentation, ``NCCL_ALGO``), modelled as the minimum of
+    the two. Hierarchical and parameter-server reductions span two levels or separate servers:
+    :func:`hierarchical_allreduce_time_s`, :func:`ps_allreduce_time_s`, :func:`dp_allreduce_time_s`.
+    """
+    if algorithm == "ring":
+        return ring_allreduce_time_s(nbytes, n, link)
+    if algorithm == "tree":
+        return tree_allreduce_time_s(nbytes, n, link)
+    if algorithm == "native":
+        return min(ring_allreduce_time_s(nbytes, n, link), tree_allreduce_time_s(nbytes, n, link))
+    raise ValueError(f"unknown single-level all-reduce {algorithm!r}; expected 'native', 'ring' or 'tree'")
+
+
+def hierarchical_allreduce_time_s(
+    nbytes: float, local: int, nodes: int, intra: LinkLike, inter: LinkLike
+) -> float:
+    """Two-level all-reduce over ``nodes`` nodes with ``local`` group members on each.
+
+    Jia et al. 2018 ("Highly scalable deep learning training system with mixed-precision",
+    Sec. 4.3, hierarchical all-reduce): a reduce-scatter inside each node leaves each local rank
+    ``S/local`` bytes; the ranks with the same local index ring-all-reduce that shard across the
+    nodes (``local`` rings at once, each on its rank's share of the network); an all-gather inside
+    the node restores the full buffer:
+    ``RS(S, local, intra) + AR_ring(S/local, nodes, inter) + AG(S, local, intra)``.
+    """
+    _check(nbytes, local * nodes)
+    return (
+        reduce_scatter_time_s(nbytes, local, intra)
+        + ring_allreduce_time_s(nbytes / local, nodes, inter)
+        + all_gather_time_s(nbytes, local, intra)
+    )
+
+
+def ps_allreduce_time_s(nbytes: float, workers: int, servers: int, link: LinkLike) -> float:
+    """Synchronous parameter-server reduction: every worker pushes ``S`` bytes and pulls ``S`` back.
+
+    Li et al. 2014 ("Scaling distributed machine learning with the parameter server", OSDI,
+    Sec. 3) with the bandwidth analysis of Jiang et al. 2020 (BytePS, OSDI, Sec. 3.1): the buffer
+    is sharded over ``servers`` servers, so each worker moves ``S`` bytes per direction and each
+    server ``workers·S/servers``; the slower side sets the pace. Servers are assumed to have the
+    same link as workers. Push and pull: ``2·(α + max(S, workers·S/servers)/B)``.
+    """
+    _check(nbytes, workers)
+    if servers <= 0:
+        raise ValueError(f"a parameter server needs at least one server process, got {servers}")
+    busiest = max(nbytes, workers * nbytes / servers)
+    return 2.0 * (link.latency + busiest / link.bandwidth)
+
+
+# ----------------------------------------------------------------------------------- which link
+
+
+def group_fits_in_node(devices_per_node: int, group_size: int, stride: int) -> bool:
+    """Whether every group of ``group_size`` ranks spaced ``stride`` apart lies inside one node.
+
+    With ranks numbered node by node and groups of one kind tiling the ranks (Megatron-LM's
+    ``tp`` innermost order), the groups repeat every ``stride·group_size`` ranks; all of them are
+    inside nodes exactly when that period divides the node size.
+    """
+    if group_size <= 0 or stride <= 0:
+        raise ValueError(f"group_size and stride must be positive, got {group_size} and {stride}")
+    period = stride * group_size
+    return group_size == 1 or (period <= devices_per_node and devices_per_node % period == 0)
+
+
+def group_link(cluster: Cluster, group_size: int, stride: int, senders_per_node: int | None = None) -> LinkCost:
+    """The link one member of a group sees: intra-node if the group fits in a node, else the network.
+
+    Inter-node bandwidth: the presets give ``inter_node.bandwidth`` per device, i.e. the node's
+    network bandwidth divided by its ``d`` devices (``Cluster.inter_node``). We assume the node's
+    network is one pool of ``d · B_inter`` bytes/s shared evenly by the ranks that send across
+    nodes at the same moment: with ``k = senders_per_node`` of them each gets ``d·B_inter/k``.
+    The default ``k = d`` — every device of the node is in some group of this kind and they all
+    communicate at once, as data-parallel gradient reduction does — gives exactly ``B_inter``.
+    Pass a smaller ``k`` only when fewer ranks of a node cross the network at once (and the NICs
+    are shared, e.g. one NIC per host); on rail-optimised clusters with one NIC per GPU keep ``d``.
+    """
+    d = cluster.devices_per_node
+    if group_fits_in_node(d, group_size, stride) or cluster.nodes == 1:
+        link = cluster.intra_node
+        return LinkCost(link.bandwidth, link.latency, "intra")
+    k = d if senders_per_node is None else senders_per_node
+    if not 1 <= k <= d:
+        raise ValueError(f"senders_per_node must be between 1 and {d} (devices per node), got {k}")
+    link = cluster.inter_node
+    return LinkCost(link.bandwidth * d / k, link.latency, "inter")
+
+
+def dp_allreduce_time_s(
+    cluster: Cluster, nbytes: float, dp: int, stride: int, algorithm: AllReduceAlgorithm, ps_servers: int | None = None
+) -> float:
+    """Gradient all-reduce of one data-parallel group (``dp`` ranks spaced ``stride`` apart).
+
+    ``hierarchical`` splits the group into ``local`` members per node (``d // stride`` when the
+    stride is below the node size) and ``dp / local`` nodes; when the group does not span nodes
+    or has one member per node it is a ring. ``ps`` uses ``ps_servers`` servers (default: one per
+    worker, the sharded setup BytePS recommends).
+    """
+    link = group_link(cluster, dp, stride)
+    if algorithm in ("native", "ring", "tree"):
+        return allreduce_time_s(nbytes, dp, link, algorithm)
+    if algorithm == "ps":
+        return ps_allreduce_time_s(nbytes, dp, ps_servers if ps_servers is not None else dp, link)
+    if algorithm != "hierarchical":
+        raise ValueError(f"unknown all-reduce algorithm {algorithm!r}")
+    d = cluster.devices_per_node
+    local = max(1, min(dp, d // stride)) if stride < d else 1
+    if link.level == "intra" or local == 1 or dp % local:
+        return ring_allreduce_time_s(nbytes, dp, link)
+    intra = cluster.intra_node
+    return hierarchical_allreduce_time_s(nbytes, local, dp // local, intra, link)
+
+
+# ------------------------------------------------------------------------------- overlap and use
+
+
+def dp_overlap_exposed_time(allreduce_s: float, backward_s: float, bucket_bytes: float, grad_bytes: float) -> float:
+    """Seconds of gradient reduction left after the backward pass when buckets overlap it.
+
+    PyTorch DDP (Li et al. 2020, "PyTorch Distributed", VLDB, Sec. 3.2.3) reduces gradients in
+    ``k = ⌈grad_bytes / bucket_bytes⌉`` buckets as they become ready. With gradients ready at a
+    uniform rate over the backward (bucket ``i`` at ``i/k · T_b``) and buckets reduced one after
+    another (``A/k`` each), the last reduction ends ``max(A/k, A − (k−1)/k · T_b)`` after the
+    backward: the last bucket always, plus whatever does not fit under the backward pass.
+    """
+    if min(allreduce_s, backward_s, grad_bytes) < 0 or bucket_bytes <= 0:
+        raise ValueError(
+            f"times and sizes must be non-negative and the bucket positive, got allreduce_s={allreduce_s}, "
+            f"backward_s={backward_s}, bucket_bytes={bucket_bytes}, grad_bytes={grad_bytes}"
+        )
+    if grad_bytes == 0:
+        return 0.0
+    k = math.ceil(grad_bytes / bucket_bytes)
+    return max(allreduce_s / k, allreduce_s - (k - 1) / k * backward_s)
+
+
+def tp_comm_time_per_layer(
+    facts: TransformerFacts, micro_batch: int, tp: int, link: LinkLike, sequence_parallel: bool, dtype_bytes: int
+) -> tuple[float, float]:
+    """(forward, backward) seconds of tensor-parallel communication of one layer and micro-batch.
+
+    Megatron-LM (Shoeybi et al. 2019, Sec. 3, Fig. 4; Narayanan et al. 2021, Sec. 3.2): two
+    all-reduces of the ``b·s·h`` activations in the forward (after attention and after the MLP)
+    and two of their gradients in the backward. With sequence parallelism each all-reduce becomes
+    an all-gather plus a reduce-scatter of the same total volume (Korthikanti et al. 2022,
+    Sec. 4.2.2).
+    """
+    if tp == 1:
+        return 0.0, 0.0
+    nbytes = float(micro_batch) * facts.seq_len * facts.hidden * dtype_bytes
+    if sequence_parallel:
+        one = all_gather_time_s(nbytes, tp, link) + reduce_scatter_time_s(nbytes, tp, link)
+    else:
+        one = ring_allreduce_time_s(nbytes, tp, link)
+    return 2.0 * one, 2.0 * one
+
+
+def pipeline_p2p_time(
+    nbytes: float, link: LinkLike, tp: int, scatter_gather: bool, gather_link: LinkLike | None = None
+) -> float:
+    """Seconds to pass one micro-batch's ``S``-byte activation (or gradient) to the next stage.
+
+    Without scatter/gather each of the ``t`` tensor-parallel ranks sends the whole (replicated)
+    tensor: ``α + S/B``. Narayanan et al. 2021, Sec. 4.1 (scatter/gather optimisation): each rank
+    sends ``S/t`` and the receiving ranks all-gather over ``gather_link`` (NVLink):
+    ``α + S/(t·B) + AG(S, t)``.
+    """
+    if not scatter_gather or tp == 1:
+        return p2p_time_s(nbytes, link)
+    if gather_link is None:
+        raise ValueError("scatter/gather needs the link of the tensor-parallel group for the all-gather")
+    return p2p_time_s(nbytes / tp, link) + all_gather_time_s(nbytes, tp, gather_link)
+
+
+def wire_bytes(
+    numel: int,
+    compression: Compression,
+    *,
+    dtype_bytes: int = 4,
+    topk_ratio: float | None = None,
+    index_bytes: int = 4,
+    matrix_shapes: Sequence[tuple[int, int]] = (),
+    powersgd_rank: int | None = None,
+) -> float:
+    """Bytes one worker puts on the wire for ``numel`` gradient elements of ``dtype_bytes`` each.
+
+    * ``none``: ``numel · dtype_bytes``.
+    * ``fp16``/``bf16``: 2 bytes per element (half of fp32 gradients; 16-bit gradients stay 2).
+    * ``topk``: the ``⌈ratio·numel⌉`` largest values and their indices (Aji & Heafield 2017;
+      Lin et al. 2018, "Deep Gradient Compression", Sec. 2).
+    * ``powersgd``: each ``n×m`` matrix in ``matrix_shapes`` becomes the factors ``P`` (n×r) and
+      ``Q`` (m×r), ``(n+m)·r`` elements (Vogels et al. 2019, Algorithm 1); a matrix for which that
+      is not smaller, and every element outside the listed matrices (biases, norms), is sent as is.
+    """
+    if numel < 0:
+        raise ValueError(f"numel must be non-negative, got {numel}")
+    if compression == "none":
+        return float(numel) * dtype_bytes
+    if compression in ("fp16", "bf16"):
+        return float(numel) * min(dtype_bytes, 2)
+    if compression == "topk":
+        if topk_ratio is None or not 0.0 < topk_ratio <= 1.0:
+            raise ValueError(f"topk compression needs a ratio in (0, 1], got {topk_ratio}")
+        return math.ceil(topk_ratio * numel) * float(dtype_bytes + index_bytes)
+    if compression == "powersgd":
+        return _powersgd_wire_bytes(numel, dtype_bytes, matrix_shapes, powersgd_rank)
+    raise ValueError(f"unknown compression {compression!r}; expected 'none', 'fp16', 'bf16', 'topk' or 'powersgd'")
+
+
+def _powersgd_wire_bytes(
+    numel: int, dtype_bytes: int, matrix_shapes: Sequence[tuple[int, int]], rank: int | None
+) -> float:
+    if rank is None or rank <= 0:
+        raise ValueError(f"powersgd compression needs a positive rank, got {rank}")
+    in_matrices = sum(n * m for n, m in matrix_shapes)
+    if in_matrices > numel:
+        raise ValueError(f"the matrices hold {in_matrices} elements, more than numel={numel}")
+    sent = sum(min((n + m) * rank, n * m) for n, m in matrix_shapes)
+    return float(sent + numel - in_matrices) * dtype_bytes

@@ -1,0 +1,369 @@
+"""Cost one layout: per-unit times and memory, stage partition, pipeline, gradient sync.
+
+The composition of the cost functions in :mod:`trainplan.planner.cost` for one candidate; pure
+arithmetic, no torch. Units: seconds, bytes, FLOPs.
+
+Step time (Narayanan et al. 2021, Sec. 3): the pipeline's makespan over ``m`` micro-batches
+(stage times from the partition; with ``pp = 1`` it is gradient accumulation, ``m·(t_f + t_b)``),
+plus the part of the data-parallel gradient reduction the backward pass does not hide (Li et
+al. 2020, bucketed overlap), plus, for ZeRO-3, parameter all-gathers that compute does not hide.
+The optimizer update itself is not modelled (memory-bound, a few percent of a step at these
+scales — Narayanan et al. 2021 do not count it either).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainplan.ir.cluster import Cluster
+from trainplan.planner import cost
+from trainplan.planner.model_costs import ModelCosts, UnitCost
+from trainplan.planner.partition import Partition, partition, uniform_blocks
+from trainplan.planner.space import Layout
+
+DDP_BUCKET_BYTES = 25 * 2**20  # PyTorch DDP's default bucket_cap_mb (Li et al. 2020, Sec. 3.2.3)
+COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every layout of one spec shares."""
+
+    cluster: Cluster
+    precision: str  # fp32 | bf16 | fp16
+    optimizer: str
+    global_batch: int
+    tokens_per_sample: int
+    allreduce: str  # fixed algorithm or "auto"
+
+    @property
+    def dtype(self) -> str:
+        return COMPUTE_DTYPE[self.precision]
+
+    @property
+    def element_bytes(self) -> int:
+        return cost.dtype_bytes(self.dtype)
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes per gradient element on the wire: 16-bit in mixed precision (ZeRO's 2Ψ), else 4."""
+        return 4 if self.precision == "fp32" else 2
+
+
+@dataclass(frozen=True, slots=True)
+class UnitTimes:
+    fwd: tuple[float, ...]  # seconds per micro-batch on one device
+    bwd: tuple[float, ...]
+    tp: tuple[float, ...]  # of which tensor-parallel communication
+    acts: tuple[float, ...]  # bytes stored per micro-batch
+    transient: tuple[float, ...]  # recompute working set
+    params: tuple[float, ...]  # parameters on one device (TP-sharded)
+
+
+@dataclass(frozen=True, slots=True)
+class StageCost:
+    ranges: tuple[tuple[int, int], ...]  # (first, last) unit of each chunk this pipeline rank holds
+    device: int  # pipeline rank holding it
+    fwd: float
+    bwd: float
+    params: float
+    memory: cost.StageMemory
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    layout: Layout
+    fits: bool
+    step_time: float
+    stages: tuple[StageCost, ...]
+    peak_memory: float
+    peak_stage: int
+    pipeline_s: float
+    bubble_fraction: float
+    dp_exposed_s: float
+    tp_s: float
+    pp_s: float
+    p2p_s: float
+    allreduce: str
+    dp_crosses_nodes: bool
+    compute_efficiency: float
+
+
+# --------------------------------------------------------------------------------- per unit
+
+
+def _block(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float, float, float, float, float]:
+    dev, dt, eb = ctx.cluster.device, ctx.dtype, ctx.element_bytes
+    f = cost.transformer_layer_flops(facts, lay.micro_batch, lay.tp)
+    eff = cost.transformer_layer_efficiency(facts, lay.micro_batch, lay.tp, dev, dt, dev.memory_bandwidth)
+    link = cost.group_link(ctx.cluster, lay.tp, 1)
+    tp_f, tp_b = cost.tp_comm_time_per_layer(facts, lay.micro_batch, lay.tp, link, lay.sequence_parallel, eb)
+    rc = cost.recompute_flops(facts, lay.micro_batch, lay.tp, lay.recompute)  # type: ignore[arg-type]
+    # Element-wise operators (norms, GeLU, softmax, dropout) stream the layer's activations through
+    # memory: written once in the forward, read and their gradients written in the backward, and
+    # written again when recomputed. Their bytes are the layer's stored activations (Korthikanti
+    # et al. 2022, Table 2, no recomputation).
+    streamed = cost.transformer_layer_activation_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, "none", eb)
+    elem = cost.memory_bound_time_s(streamed, dev)
+    redo = {"none": 0.0, "selective": cost.recompute_transient_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, "selective", eb), "full": streamed}[lay.recompute]
+    kernels = cost.LAYER_FORWARD_KERNELS
+    redo_kernels = {"none": 0, "selective": 4, "full": kernels}[lay.recompute]
+    fwd = cost.compute_time_s(f, dev, dt, eff) + elem + cost.kernel_overhead_s(kernels, dev) + tp_f
+    bwd = (
+        cost.compute_time_s(cost.backward_flops(f) + rc, dev, dt, eff)
+        + 2 * elem
+        + cost.memory_bound_time_s(redo, dev)
+        + cost.kernel_overhead_s(2 * kernels + redo_kernels, dev)
+        + tp_b
+    )
+    tp_total = tp_f + tp_b
+    if lay.recompute == "full":  # the recomputed forward repeats its all-reduces (Megatron-LM)
+        bwd += tp_f
+        tp_total += tp_f
+    acts = cost.transformer_layer_activation_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, lay.recompute, eb)  # type: ignore[arg-type]
+    transient = cost.recompute_transient_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, lay.recompute, eb)  # type: ignore[arg-type]
+    return fwd, bwd, tp_total, acts, transient, u.params / lay.tp
+
+
+def _edge(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float, float, float, float, float]:
+    """Embedding or LM head of a transformer: vocabulary-parallel (Shoeybi et al. 2019, Sec. 3)."""
+    dev, dt, eb, mb = ctx.cluster.device, ctx.dtype, ctx.element_bytes, lay.micro_batch
+    link = cost.group_link(ctx.cluster, lay.tp, 1)
+    out_bytes = float(mb) * facts.seq_len * facts.hidden * eb
+    tp_s = cost.ring_allreduce_time_s(out_bytes, lay.tp, link) if lay.tp > 1 else 0.0
+    if u.kind == "embedding":
+        acts = cost.embedding_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel)
+        return tp_s, tp_s, 2 * tp_s, acts, 0.0, u.params / lay.tp
+    f = cost.lm_head_flops(facts, mb, lay.tp)
+    eff = cost.gemm_efficiency(dev, dt, mb * facts.seq_len, facts.vocab // lay.tp, facts.hidden, dev.memory_bandwidth)
+    acts = cost.output_layer_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel, eb)
+    fwd = cost.compute_time_s(f, dev, dt, eff)
+    return fwd + tp_s, 2 * fwd + tp_s, 2 * tp_s, acts, 0.0, u.params / lay.tp
+
+
+def _other(ctx: Context, u: UnitCost, lay: Layout) -> tuple[float, float, float, float, float, float]:
+    """A unit without transformer facts: measured FLOPs and bytes, replicated across TP."""
+    dev, dt, mb = ctx.cluster.device, ctx.dtype, lay.micro_batch
+    fwd = cost.compute_time_s(u.flops_fwd * mb, dev, dt, dev.efficiency)
+    bwd = cost.compute_time_s(u.flops_bwd * mb, dev, dt, dev.efficiency)
+    return fwd, bwd, 0.0, u.activation_bytes * mb, 0.0, u.params
+
+
+def unit_times(model: ModelCosts, lay: Layout, ctx: Context) -> UnitTimes:
+    """Per-unit costs of one layout; identical units (repeated blocks) are costed once."""
+    rows, seen = [], {}
+    for u in model.units:
+        key = (u.kind, u.params, u.flops_fwd, u.flops_bwd, u.activation_bytes)
+        if key not in seen:
+            if model.facts is not None and u.kind == "block":
+                seen[key] = _block(ctx, u, lay, model.facts)
+            elif model.facts is not None and u.kind in ("embedding", "head"):
+                seen[key] = _edge(ctx, u, lay, model.facts)
+            else:
+                seen[key] = _other(ctx, u, lay)
+        rows.append(seen[key])
+    cols = list(zip(*rows))
+    return UnitTimes(*(tuple(c) for c in cols))
+
+
+# ------------------------------------------------------------------------------- stages
+
+
+class _Prefix:
+    """Prefix sums over units so any contiguous stage is costed in O(1)."""
+
+    def __init__(self, model: ModelCosts, ut: UnitTimes) -> None:
+        self.time = _acc([f + b for f, b in zip(ut.fwd, ut.bwd)])
+        self.fwd, self.bwd = _acc(ut.fwd), _acc(ut.bwd)
+        self.acts, self.params = _acc(ut.acts), _acc(ut.params)
+        self.transient = max(ut.transient, default=0.0)
+        self.blocks = _acc([1.0 if u.kind == "block" else 0.0 for u in model.units])
+        tp = ut_tp(model, ut)
+        self.shared = tuple((unit, owner, count / tp) for unit, owner, count in model.shared)
+
+    def span(self, arr: list[float], i: int, j: int) -> float:
+        return arr[j + 1] - arr[i]
+
+    def stage_params(self, ranges: list[tuple[int, int]]) -> float:
+        params = sum(self.span(self.params, i, j) for i, j in ranges)
+        for unit, owner, count in self.shared:
+            if _inside(unit, ranges) and not _inside(owner, ranges):
+                params += count  # e.g. the LM head keeps its own copy of the tied embedding
+        return params
+
+    def stage_transient(self, ranges: list[tuple[int, int]]) -> float:
+        return self.transient if any(self.span(self.blocks, i, j) for i, j in ranges) else 0.0
+
+
+def _inside(unit: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(i <= unit <= j for i, j in ranges)
+
+
+def ut_tp(model: ModelCosts, ut: UnitTimes) -> int:
+    """The TP degree the unit params were divided by (1 when nothing was sharded)."""
+    for u, p in zip(model.units, ut.params):
+        if u.params and p:
+            return max(1, round(u.params / p))
+    return 1
+
+
+def _acc(xs: list[float] | tuple[float, ...]) -> list[float]:
+    out = [0.0]
+    for x in xs:
+        out.append(out[-1] + x)
+    return out
+
+
+def _memory(ctx: Context, lay: Layout, px: _Prefix, ranges: list[tuple[int, int]], device: int) -> cost.StageMemory:
+    params = px.stage_params(ranges)
+    acts = sum(px.span(px.acts, i, j) for i, j in ranges)
+    in_flight = cost.in_flight_microbatches(lay.schedule, device, lay.pp, lay.num_microbatches, lay.virtual_stages)  # type: ignore[arg-type]
+    state = cost.model_state_bytes(params, lay.zero, lay.dp, ctx.precision, ctx.optimizer)  # type: ignore[arg-type]
+    return cost.StageMemory(
+        device, state.params, state.grads, state.optimizer, acts * in_flight, px.stage_transient(ranges),
+        float(ctx.cluster.device.memory_reserved),
+    )
+
+
+def _stage(ctx: Context, lay: Layout, px: _Prefix, ranges: list[tuple[int, int]], device: int) -> StageCost:
+    fwd = sum(px.span(px.fwd, i, j) for i, j in ranges)
+    bwd = sum(px.span(px.bwd, i, j) for i, j in ranges)
+    mem = _memory(ctx, lay, px, ranges, device)
+    return StageCost(tuple(ranges), device, fwd, bwd, px.stage_params(ranges), mem)
+
+
+def contiguous_stages(ctx: Context, lay: Layout, model: ModelCosts, px: _Prefix) -> tuple[list[StageCost], bool]:
+    """GPipe / 1F1B / no pipeline: the optimal memory-feasible split, or the fastest one if none fits."""
+    limit = float(ctx.cluster.device.memory)
+    times = [px.span(px.time, i, i) for i in range(len(model.units))]
+
+    def fits(k: int, i: int, j: int) -> bool:
+        return _memory(ctx, lay, px, [(i, j)], k).total <= limit
+
+    # The fastest split ignoring memory is usually feasible; search under the memory limits only if not.
+    fastest: Partition | None = partition(times, lay.pp, rel_tol=1e-6)
+    if fastest is None:
+        return [], False
+    stages = [_stage(ctx, lay, px, [b], k) for k, b in enumerate(fastest.bounds)]
+    if all(s.memory.total <= limit for s in stages):
+        return stages, True
+    part = partition(times, lay.pp, fits, rel_tol=1e-6)
+    if part is None:
+        return stages, False
+    return [_stage(ctx, lay, px, [b], k) for k, b in enumerate(part.bounds)], True
+
+
+def interleaved_stages(ctx: Context, lay: Layout, model: ModelCosts, px: _Prefix) -> tuple[list[StageCost], bool]:
+    """Interleaved 1F1B: blocks split evenly into ``pp·v`` chunks, chunk ``c`` on rank ``c mod pp``
+    (Narayanan et al. 2021, Sec. 2.2.2); units before the first block join chunk 0, after the last the final chunk."""
+    blocks = model.index_of("block")
+    chunks = [(blocks[i], blocks[j]) for i, j in uniform_blocks(len(blocks), lay.pp * lay.virtual_stages)]
+    chunks[0] = (0, chunks[0][1])
+    chunks[-1] = (chunks[-1][0], len(model.units) - 1)
+    stages = []
+    for r in range(lay.pp):
+        mine = chunks[r :: lay.pp]
+        stages.append(_stage(ctx, lay, px, mine, r))
+    limit = float(ctx.cluster.device.memory)
+    return stages, all(s.memory.total <= limit for s in stages)
+
+
+# --------------------------------------------------------------------------------- step
+
+
+def p2p_seconds(ctx: Context, lay: Layout, model: ModelCosts) -> float:
+    """One micro-batch's activation crossing a stage boundary (scatter/gather when TP > 1)."""
+    if lay.pp == 1:
+        return 0.0
+    if model.facts is not None:
+        nbytes = float(lay.micro_batch) * model.facts.seq_len * model.facts.hidden * ctx.element_bytes
+    else:
+        nbytes = max(u.output_bytes for u in model.units) * lay.micro_batch
+    link = cost.group_link(ctx.cluster, lay.pp, lay.dp * lay.tp)
+    intra = cost.group_link(ctx.cluster, lay.tp, 1)
+    return cost.pipeline_p2p_time(nbytes, link, lay.tp, scatter_gather=lay.tp > 1, gather_link=intra)
+
+
+def pipeline_estimate(lay: Layout, stages: list[StageCost], p2p: float) -> float:
+    """Fast makespan: exact for uniform stages without transfers (Narayanan et al. 2021, Sec. 2.2),
+    and for any stages ``Σ_k (t_f + t_b)_k + (m − 1)·max_k (t_f + t_b)_k`` plus a round trip of
+    transfers. The search refines its best candidates with the event simulation."""
+    m = lay.num_microbatches
+    per = [s.fwd + s.bwd for s in stages]
+    if lay.pp == 1:
+        return m * per[0]
+    if lay.schedule == "interleaved":
+        v = lay.virtual_stages
+        worst = max(range(len(stages)), key=lambda k: per[k])
+        base = cost_uniform(lay, stages[worst].fwd, stages[worst].bwd)
+        return base + 2 * (lay.pp * v - 1) * p2p
+    return sum(per) + (m - 1) * max(per) + 2 * (lay.pp - 1) * p2p
+
+
+def cost_uniform(lay: Layout, fwd: float, bwd: float) -> float:
+    from trainplan.planner.schedule import uniform_step_time
+
+    return uniform_step_time(lay.schedule, lay.pp, lay.num_microbatches, lay.virtual_stages, fwd, bwd)  # type: ignore[arg-type]
+
+
+def choose_allreduce(ctx: Context, nbytes: float, dp: int, stride: int) -> tuple[str, float]:
+    """The fixed algorithm, or the fastest of native/ring/tree/hierarchical by the alpha-beta model."""
+    options = [ctx.allreduce] if ctx.allreduce != "auto" else ["ring", "tree", "hierarchical"]
+    best = min(options, key=lambda a: (cost.dp_allreduce_time_s(ctx.cluster, nbytes, dp, stride, a), a))  # type: ignore[arg-type]
+    chosen = best if ctx.allreduce != "auto" or best != "ring" else "native"
+    return chosen, cost.dp_allreduce_time_s(ctx.cluster, nbytes, dp, stride, best)  # type: ignore[arg-type]
+
+
+def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[float, str, bool]:
+    """Exposed gradient synchronisation of the slowest stage, the algorithm used, whether it crosses nodes.
+
+    ZeRO-1/2 reduce-scatter the gradients and all-gather the updated parameters: the same bytes as
+    a ring all-reduce (Rajbhandari et al. 2020, Sec. 7.2). ZeRO-3 adds an all-gather of the
+    parameters in the forward and in the backward of every micro-batch (1.5x the data-parallel
+    volume per step, Sec. 7.2.2), hidden behind compute when prefetched, exposed beyond it.
+    """
+    if lay.dp == 1:
+        return 0.0, "native", False
+    crosses = not cost.group_fits_in_node(ctx.cluster.devices_per_node, lay.dp, lay.tp) and ctx.cluster.nodes > 1
+    worst, algo = 0.0, "native"
+    for s in stages:
+        grad = s.params * ctx.grad_bytes
+        algo, ar = choose_allreduce(ctx, grad, lay.dp, lay.tp)
+        exposed = cost.dp_overlap_exposed_time(ar, s.bwd, DDP_BUCKET_BYTES, grad)
+        if lay.zero == 3:
+            link = cost.group_link(ctx.cluster, lay.dp, lay.tp)
+            gather = 2 * lay.num_microbatches * cost.all_gather_time_s(s.params * ctx.element_bytes, lay.dp, link)
+            exposed += max(0.0, gather - lay.num_microbatches * (s.fwd + s.bwd))
+        worst = max(worst, exposed)
+    return worst, algo, crosses
+
+
+def evaluate(model: ModelCosts, lay: Layout, ctx: Context, ut: UnitTimes | None = None) -> Evaluation:
+    """Cost ``lay``; ``ut`` may be passed when already computed (it depends only on tp, mb, recompute, sp)."""
+    ut = ut if ut is not None else unit_times(model, lay, ctx)
+    px = _Prefix(model, ut)
+    if lay.schedule == "interleaved":
+        stages, fits = interleaved_stages(ctx, lay, model, px)
+    else:
+        stages, fits = contiguous_stages(ctx, lay, model, px)
+    p2p = p2p_seconds(ctx, lay, model)
+    pipe = pipeline_estimate(lay, stages, p2p)
+    dp_s, algo, crosses = dp_exposed(ctx, lay, stages)
+    return _evaluation(lay, fits, stages, pipe, dp_s, algo, crosses, p2p, ut, model, ctx)
+
+
+def _evaluation(lay, fits, stages, pipe, dp_s, algo, crosses, p2p, ut, model, ctx) -> Evaluation:  # noqa: ANN001
+    peak_stage = max(range(len(stages)), key=lambda k: stages[k].memory.total)
+    busiest = max(s.fwd + s.bwd for s in stages)
+    bubble = max(0.0, (pipe - lay.num_microbatches * busiest) / pipe) if pipe else 0.0
+    heaviest = max(stages, key=lambda s: s.fwd + s.bwd)
+    tp_s = lay.num_microbatches * sum(ut.tp[i] for a, b in heaviest.ranges for i in range(a, b + 1))
+    flops = sum(u.flops_fwd + u.flops_bwd for u in model.units) * lay.micro_batch
+    compute = sum(f + b for f, b in zip(ut.fwd, ut.bwd)) - sum(ut.tp)
+    peak = ctx.cluster.device.peak(ctx.dtype)
+    eff = flops / lay.tp / (compute * peak) if compute > 0 else 0.0
+    pp_s = 2 * (lay.pp - 1) * p2p
+    return Evaluation(
+        lay, fits, pipe + dp_s, tuple(stages), stages[peak_stage].memory.total, peak_stage, pipe, bubble,
+        dp_s, tp_s, pp_s, p2p, algo, crosses, eff,
+    )
