@@ -10,7 +10,7 @@ from trainplan.ir.graph import OpGraph
 from trainplan.ir.loading import load, read_yaml, validate
 from trainplan.ir.plan import Plan
 from trainplan.ir.spec import Spec
-from trainplan.models import build_model
+from trainplan.models import build_model, resolve_task
 from trainplan.passes import build_graph
 
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,6 +23,11 @@ def load_spec(path: str | Path) -> Spec:
 
 def spec_from_dict(data: dict) -> Spec:
     return validate(Spec, data)
+
+
+def resolve(spec: Spec) -> Spec:
+    """The spec with its task's defaults filled in from the model (vocab, seq_len, shapes)."""
+    return spec.model_copy(update={"task": resolve_task(spec.model, spec.task)})
 
 
 def trace(spec: Spec, base_dir: Path | None = None) -> OpGraph:
@@ -39,7 +44,8 @@ def plan(spec: Spec, base_dir: Path | None = None, keep: int = 10) -> tuple[Plan
     """Trace the spec's model and search for the fastest plan that fits; (plan, search seconds)."""
     from trainplan.planner import plan_from_graph
 
-    return plan_from_graph(spec, trace(spec, base_dir), keep)
+    graph = trace(spec, base_dir)
+    return plan_from_graph(resolve(spec), graph, keep)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -60,13 +60,19 @@ def _key(e: Evaluation) -> tuple[float, Layout]:
     return (e.step_time, e.layout)
 
 
-def search(model: ModelCosts, parallel: ParallelSpec, ctx: Context, keep: int = 10) -> SearchResult:
+def search(
+    model: ModelCosts, parallel: ParallelSpec, ctx: Context, keep: int = 10, refine_top: int = REFINE_TOP
+) -> SearchResult:
+    """The ``keep + 1`` fastest layouts that fit (winner first) and the closest that do not.
+
+    ``refine_top`` best estimates are re-timed by event simulation before the final ranking.
+    """
     units, blocks = len(model.units), model.blocks
     world, limit = ctx.cluster.world_size, float(ctx.cluster.device.memory)
     best: list[tuple[float, Layout, Evaluation]] = []  # max-heap by negated time, size <= keep + REFINE_TOP
     infeasible: list[Evaluation] = []
     candidates = evaluated = feasible = 0
-    width = keep + REFINE_TOP
+    width = keep + refine_top
     unit_cache: dict[tuple, UnitTimes] = {}
     for lay in layouts(parallel, world, ctx.global_batch, units, blocks, model.facts):
         candidates += 1
@@ -89,7 +95,7 @@ def search(model: ModelCosts, parallel: ParallelSpec, ctx: Context, keep: int = 
         elif item > best[0]:
             heapq.heapreplace(best, item)
     ranked = sorted((ev for _, _, ev in best), key=_key)
-    refined = sorted((refine(ev, model, ctx) for ev in ranked[:REFINE_TOP]), key=_key) + ranked[REFINE_TOP:]
+    refined = sorted((refine(ev, model, ctx) for ev in ranked[:refine_top]), key=_key) + ranked[refine_top:]
     return SearchResult(tuple(refined[: keep + 1]), tuple(infeasible), candidates, evaluated, feasible)
 
 
