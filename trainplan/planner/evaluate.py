@@ -14,6 +14,7 @@ scales — Narayanan et al. 2021 do not count it either).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from trainplan.ir.cluster import Cluster
 from trainplan.planner import cost
@@ -232,16 +233,33 @@ def _stage(ctx: Context, lay: Layout, px: _Prefix, ranges: list[tuple[int, int]]
     return StageCost(tuple(ranges), device, fwd, bwd, px.stage_params(ranges), mem)
 
 
+@lru_cache(maxsize=4096)
+def _fastest_split(times: tuple[float, ...], pp: int) -> Partition | None:
+    """The memory-blind optimal split; it depends only on the unit times, so layouts share it."""
+    return partition(times, pp, rel_tol=1e-6)
+
+
 def contiguous_stages(ctx: Context, lay: Layout, model: ModelCosts, px: _Prefix) -> tuple[list[StageCost], bool]:
     """GPipe / 1F1B / no pipeline: the optimal memory-feasible split, or the fastest one if none fits."""
     limit = float(ctx.cluster.device.memory)
     times = [px.span(px.time, i, i) for i in range(len(model.units))]
 
+    # model_state_bytes is linear in the parameter count: one coefficient per layout keeps the
+    # partition's many memory checks to a few additions.
+    per_param = cost.model_state_bytes(1.0, lay.zero, lay.dp, ctx.precision, ctx.optimizer).total  # type: ignore[arg-type]
+    in_flight = [
+        cost.in_flight_microbatches(lay.schedule, k, lay.pp, lay.num_microbatches, lay.virtual_stages)  # type: ignore[arg-type]
+        for k in range(lay.pp)
+    ]
+    budget = limit - float(ctx.cluster.device.memory_reserved)
+
     def fits(k: int, i: int, j: int) -> bool:
-        return _memory(ctx, lay, px, [(i, j)], k).total <= limit
+        rng = [(i, j)]
+        used = px.stage_params(rng) * per_param + px.span(px.acts, i, j) * in_flight[k] + px.stage_transient(rng)
+        return used <= budget
 
     # The fastest split ignoring memory is usually feasible; search under the memory limits only if not.
-    fastest: Partition | None = partition(times, lay.pp, rel_tol=1e-6)
+    fastest = _fastest_split(tuple(times), lay.pp)
     if fastest is None:
         return [], False
     stages = [_stage(ctx, lay, px, [b], k) for k, b in enumerate(fastest.bounds)]
@@ -325,15 +343,17 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[floa
     if lay.dp == 1:
         return 0.0, "native", False
     crosses = not cost.group_fits_in_node(ctx.cluster.devices_per_node, lay.dp, lay.tp) and ctx.cluster.nodes > 1
-    worst, algo = 0.0, "native"
-    for s in stages:
-        grad = s.params * ctx.grad_bytes
-        algo, ar = choose_allreduce(ctx, grad, lay.dp, lay.tp)
-        exposed = cost.dp_overlap_exposed_time(ar, s.bwd, DDP_BUCKET_BYTES, grad)
+    largest = max(s.params for s in stages)
+    algo, _ = choose_allreduce(ctx, largest * ctx.grad_bytes, lay.dp, lay.tp)
+    link = cost.group_link(ctx.cluster, lay.dp, lay.tp)
+    worst = 0.0
+    for params, fwd, bwd in {(s.params, s.fwd, s.bwd) for s in stages}:  # identical middle stages once
+        grad = params * ctx.grad_bytes
+        ar = cost.dp_allreduce_time_s(ctx.cluster, grad, lay.dp, lay.tp, "ring" if algo == "native" else algo)  # type: ignore[arg-type]
+        exposed = cost.dp_overlap_exposed_time(ar, bwd, DDP_BUCKET_BYTES, grad)
         if lay.zero == 3:
-            link = cost.group_link(ctx.cluster, lay.dp, lay.tp)
-            gather = 2 * lay.num_microbatches * cost.all_gather_time_s(s.params * ctx.element_bytes, lay.dp, link)
-            exposed += max(0.0, gather - lay.num_microbatches * (s.fwd + s.bwd))
+            gather = 2 * lay.num_microbatches * cost.all_gather_time_s(params * ctx.element_bytes, lay.dp, link)
+            exposed += max(0.0, gather - lay.num_microbatches * (fwd + bwd))
         worst = max(worst, exposed)
     return worst, algo, crosses
 

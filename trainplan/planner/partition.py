@@ -105,7 +105,9 @@ def partition(times: Sequence[float], p: int, fits: Fits = _always, rel_tol: flo
         if found is None:
             lo = mid
         else:
-            hi, best = mid, found
+            # The split found is feasible at its own bottleneck, which may lie well below mid.
+            best = found
+            hi = max(prefix[j + 1] - prefix[i] for i, j in found)
         if hi - lo <= rel_tol * max(hi, 1e-300):
             break
     return _result(prefix, best)

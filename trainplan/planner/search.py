@@ -23,7 +23,9 @@ from trainplan.planner.model_costs import ModelCosts
 from trainplan.planner.schedule import compiled, simulate
 from trainplan.planner.space import Layout, layouts
 
-REFINE_TOP = 16  # candidates re-timed by event simulation
+REFINE_TOP = 8  # candidates re-timed by event simulation
+REFINE_WITHIN = 0.05  # ... if their estimate is within this fraction of the best estimate
+REFINE_MAX_ACTIONS = 8192  # larger schedules keep the closed form (their stages are near-uniform chunks)
 MAX_INFEASIBLE_KEPT = 5
 
 
@@ -34,20 +36,6 @@ class SearchResult:
     candidates: int
     evaluated: int
     feasible: int
-
-
-def _lower_bound(model: ModelCosts, lay: Layout, ctx: Context) -> float:
-    """Seconds a step of ``lay`` cannot beat.
-
-    The model FLOPs of a step spread evenly over every device at the best efficiency, stretched by
-    the pipeline's fill and drain: a makespan of ``Σ_k t_k + (m − 1)·max_k t_k ≥ (m + p − 1)·t̄``
-    for GPipe / 1F1B and ``(m + (p − 1)/v)·t̄`` interleaved (Narayanan et al. 2021, Sec. 2.2).
-    """
-    flops = model.flops_per_sample * ctx.global_batch
-    peak = ctx.cluster.device.peak(ctx.dtype) * ctx.cluster.device.efficiency
-    m, p, v = lay.num_microbatches, lay.pp, lay.virtual_stages
-    fill = (m + (p - 1) / (v if lay.schedule == "interleaved" else 1)) / m
-    return flops / (peak * ctx.cluster.world_size) * fill
 
 
 def _state_lower_bound(model: ModelCosts, lay: Layout, ctx: Context) -> float:
@@ -69,34 +57,72 @@ def search(
     """
     units, blocks = len(model.units), model.blocks
     world, limit = ctx.cluster.world_size, float(ctx.cluster.device.memory)
-    best: list[tuple[float, Layout, Evaluation]] = []  # max-heap by negated time, size <= keep + REFINE_TOP
+    best: list[tuple[float, _neg, Evaluation]] = []  # min-heap on -time: best[0] is the slowest kept
     infeasible: list[Evaluation] = []
     candidates = evaluated = feasible = 0
     width = keep + refine_top
     unit_cache: dict[tuple, UnitTimes] = {}
+    fitted: set[tuple] = set()
     for lay in layouts(parallel, world, ctx.global_batch, units, blocks, model.facts):
         candidates += 1
-        if _state_lower_bound(model, lay, ctx) > limit and len(infeasible) >= MAX_INFEASIBLE_KEPT:
+        if _dominated(lay, fitted):
             continue
-        if len(best) >= width and _lower_bound(model, lay, ctx) >= -best[0][0]:
+        if _state_lower_bound(model, lay, ctx) > limit and len(infeasible) >= MAX_INFEASIBLE_KEPT:
             continue
         times_key = (lay.tp, lay.micro_batch, lay.recompute, lay.sequence_parallel)
         if times_key not in unit_cache:
             unit_cache[times_key] = unit_times(model, lay, ctx)
-        ev = evaluate(model, lay, ctx, unit_cache[times_key])
+        ut = unit_cache[times_key]
+        if len(best) >= width and _pipeline_lower_bound(lay, ut) > -best[0][0]:
+            continue
+        ev = evaluate(model, lay, ctx, ut)
         evaluated += 1
         if not ev.fits:
             infeasible = _keep_closest(infeasible, ev)
             continue
         feasible += 1
+        fitted.add(_fit_key(lay))
         item = (-ev.step_time, _neg(lay), ev)
         if len(best) < width:
             heapq.heappush(best, item)
         elif item > best[0]:
             heapq.heapreplace(best, item)
     ranked = sorted((ev for _, _, ev in best), key=_key)
-    refined = sorted((refine(ev, model, ctx) for ev in ranked[:refine_top]), key=_key) + ranked[refine_top:]
+    close = [ev for ev in ranked[:refine_top] if ev.step_time <= ranked[0].step_time * (1 + REFINE_WITHIN)]
+    refined = sorted([*(refine(ev, model, ctx) for ev in close), *ranked[len(close) :]], key=_key)
     return SearchResult(tuple(refined[: keep + 1]), tuple(infeasible), candidates, evaluated, feasible)
+
+
+def _fit_key(lay: Layout) -> tuple:
+    return (lay.tp, lay.pp, lay.micro_batch, lay.schedule, lay.virtual_stages, lay.sequence_parallel, lay.zero, lay.recompute)
+
+
+def _dominated(lay: Layout, fitted: set[tuple]) -> bool:
+    """A layout no faster than one that already fits, and no simpler.
+
+    ZeRO-1 and -2 partition state but move the same bytes as plain data parallelism
+    (Rajbhandari et al. 2020, Sec. 7.2), so when a lower stage fits, a higher one (up to 2) has the
+    same step time. Recomputation only adds work: when ``none`` fits, ``selective`` and ``full`` are
+    slower (Korthikanti et al. 2022, Sec. 5).
+    """
+    base = (lay.tp, lay.pp, lay.micro_batch, lay.schedule, lay.virtual_stages, lay.sequence_parallel)
+    if lay.zero in (1, 2) and any((*base, z, lay.recompute) in fitted for z in range(lay.zero)):
+        return True
+    return lay.recompute != "none" and (*base, lay.zero, "none") in fitted
+
+
+def _pipeline_lower_bound(lay: Layout, ut: UnitTimes) -> float:
+    """Seconds the pipeline of ``lay`` cannot beat, from its per-unit times.
+
+    With ``T`` one micro-batch's work over all units split into ``p`` stages, the makespan
+    ``Σ_k t_k + (m − 1)·max_k t_k ≥ T + (m − 1)·T/p`` (GPipe / 1F1B), and ``(m + (p − 1)/v)·T/p``
+    interleaved (Narayanan et al. 2021, Sec. 2.2); without a pipeline, ``m·T``.
+    """
+    total = sum(ut.fwd) + sum(ut.bwd)
+    m, p = lay.num_microbatches, lay.pp
+    if lay.schedule == "interleaved":
+        return (m + (p - 1) / lay.virtual_stages) * total / p
+    return total + (m - 1) * total / p
 
 
 class _neg:
@@ -122,7 +148,7 @@ def _keep_closest(kept: list[Evaluation], ev: Evaluation) -> list[Evaluation]:
 def refine(ev: Evaluation, model: ModelCosts, ctx: Context) -> Evaluation:
     """Re-time the pipeline by event simulation (non-uniform stages, transfers)."""
     lay = ev.layout
-    if lay.pp == 1:
+    if lay.pp == 1 or 2 * lay.pp * lay.num_microbatches * lay.virtual_stages > REFINE_MAX_ACTIONS:
         return ev
     timeline = simulate_evaluation(ev)
     pipe = timeline.makespan

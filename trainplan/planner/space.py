@@ -80,7 +80,8 @@ def layouts(
     facts: TransformerFacts | None,
 ) -> Iterator[Layout]:
     """Every layout admitted by the fixed fields of ``parallel``; ``units`` bounds the pipeline depth."""
-    recomputes = ["none", "selective", "full"] if facts is not None else ["none", "full"]
+    # Recomputation is costed from the transformer formulas; other models are planned without it.
+    recomputes = ["none", "selective", "full"] if facts is not None else ["none"]
     for tp in _allowed(parallel.tp, tp_degrees(world, facts)):
         for pp in _allowed(parallel.pp, [p for p in divisors(world // tp) if p <= units]):
             dp = world // (tp * pp)
