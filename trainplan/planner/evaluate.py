@@ -327,7 +327,8 @@ def cost_uniform(lay: Layout, fwd: float, bwd: float) -> float:
 def choose_allreduce(ctx: Context, nbytes: float, dp: int, stride: int) -> tuple[str, float]:
     """The fixed algorithm, or the fastest of native/ring/tree/hierarchical by the alpha-beta model."""
     options = [ctx.allreduce] if ctx.allreduce != "auto" else ["ring", "tree", "hierarchical"]
-    best = min(options, key=lambda a: (cost.dp_allreduce_time_s(ctx.cluster, nbytes, dp, stride, a), a))  # type: ignore[arg-type]
+    # Ties go to the simpler algorithm (the order above): hierarchical equals ring inside a node.
+    best = min(options, key=lambda a: (cost.dp_allreduce_time_s(ctx.cluster, nbytes, dp, stride, a), options.index(a)))  # type: ignore[arg-type]
     chosen = best if ctx.allreduce != "auto" or best != "ring" else "native"
     return chosen, cost.dp_allreduce_time_s(ctx.cluster, nbytes, dp, stride, best)  # type: ignore[arg-type]
 

@@ -36,6 +36,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
 
+def _rate(flops_per_s: float) -> str:
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6)):
+        if flops_per_s >= scale:
+            return f"{flops_per_s / scale:.1f} {unit}"
+    return f"{flops_per_s:.0f} FLOP/s"
+
+
 def headline(plan: Plan) -> list[tuple[str, str]]:
     """(label, value) pairs shared by the text and Markdown reports."""
     est, cluster = plan.estimate, plan.spec.cluster
@@ -47,7 +54,7 @@ def headline(plan: Plan) -> list[tuple[str, str]]:
         ("collectives", f"allreduce={plan.allreduce} sync={plan.sync} compression={plan.compression}"),
         ("step time", _duration(est.step_time_s)),
         ("throughput", f"{est.samples_per_s:,.1f} samples/s, {est.tokens_per_s:,.0f} tokens/s"),
-        ("per device", f"{est.tflops_per_device:.1f} TFLOP/s, MFU {est.mfu * 100:.1f}%"),
+        ("per device", f"{_rate(est.tflops_per_device * 1e12)}, MFU {est.mfu * 100:.1f}%"),
         (
             "memory/device",
             f"{format_bytes(est.memory_per_device_bytes)} of {format_bytes(cluster.device.memory)} "
