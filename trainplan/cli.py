@@ -24,6 +24,7 @@ def _inspect(args: argparse.Namespace) -> int:
     spec = api.load_spec(args.spec)
     try:
         graph = api.trace(spec, base_dir=Path(args.spec).resolve().parent)
+        spec = api.resolve(spec)
     except SpecError as exc:
         raise exc.with_source(args.spec) from None
     print(inspect_json(spec, graph) if args.format == "json" else inspect_text(spec, graph))
