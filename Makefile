@@ -16,12 +16,16 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/trainplan inspect plans/gpt3-175b-a100.yaml
+	$(VENV)/bin/trainplan plan plans/gpt3-175b-a100.yaml -o out/gpt3-175b-a100
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) bench/trace_speed.py
+	$(PY) bench/plan_speed.py
+	$(PY) bench/validate_zero.py
+	$(PY) bench/validate_megatron.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,122 @@
+"""The `trainplan` command as a person uses it: real subprocesses, exit codes, files written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+
+def trainplan(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "trainplan", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_inspect_prints_units_totals_and_closed_form_checks():
+    out = trainplan("inspect", "plans/laptop-gpt-tiny.yaml")
+    assert out.returncode == 0, out.stderr
+    assert "layers.0-3" in out.stdout and "embedding" in out.stdout and "head" in out.stdout
+    assert "Megatron-LM Eq. 2 + final LayerNorm" in out.stdout
+    assert "(+0.000%)" in out.stdout or "(-0.000%)" in out.stdout
+
+
+def test_inspect_json_totals_match_megatron_eq2():
+    out = trainplan("inspect", "plans/laptop-gpt-tiny.yaml", "--format", "json")
+    body = json.loads(out.stdout)
+    l, h, v, s = 4, 128, 512, 64
+    assert body["totals"]["params"] == 12 * l * h * h + 13 * l * h + v * h + s * h + 2 * h
+    assert [g["count"] for g in body["groups"]] == [1, 4, 1]
+    palm = [c for c in body["checks"] if "PaLM" in c["check"]][0]
+    assert abs(palm["relative_error"]) < 0.02
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nmodel: {catalogue: gpt, args: {layers: 2, hidden: 64, heads: 5}}\ntraining: {global_batch: 8}\n"
+         "cluster: {preset: cpu-local}\n", "model.args: heads (5) must divide hidden (64)"),
+        ("name: x\nmodel: {catalogue: gpt, args: {layers: 2, hidden: 64, heads: 4}}\ntraining: {global_batch: 8}\n"
+         "cluster: {preset: cpu-local}\nparallel: {tp: -2}\n", "parallel.tp: expected 'auto' or a positive integer, got -2"),
+        ("name: x\nmodel: {catalogue: gtp}\ntraining: {global_batch: 8}\ncluster: {preset: cpu-local}\n",
+         "model.catalogue: unknown model 'gtp'"),
+        ("name: x\nmodel: {catalogue: gpt, args: {layers: 2, hidden: 64, heads: 4}}\ntraining: {global_batch: 8}\n"
+         "cluster: {preset: a200}\n", "cluster: unknown preset 'a200'"),
+        ("name: x\nmodel: {import: 'nosuchpkg.models:build'}\ntask: {kind: lm, vocab: 8, seq_len: 4}\n"
+         "training: {global_batch: 8}\ncluster: {preset: cpu-local}\n", "model.import: cannot import module 'nosuchpkg.models'"),
+        ("name: [unclosed\n", "invalid YAML"),
+    ],
+)
+@pytest.mark.parametrize("command", ["inspect", "plan"])
+def test_bad_specs_exit_2_with_one_clear_message(tmp_path, text, message, command):
+    out = trainplan(command, _write(tmp_path, text), "-o" if command == "plan" else "--format",
+                    tmp_path / "out" if command == "plan" else "text")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "spec.yaml" in out.stderr
+
+
+def test_untraceable_model_names_the_module_and_suggests_leaf_modules(tmp_path):
+    (tmp_path / "usermodel.py").write_text(
+        "import torch\n"
+        "class Gate(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x if x.sum() > 0 else -x\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.fc = torch.nn.Linear(8, 4); self.gate = Gate()\n"
+        "    def forward(self, x):\n"
+        "        return self.gate(self.fc(x))\n"
+        "def build():\n    return Net()\n")
+    spec = _write(tmp_path, "name: user\nmodel: {import: 'usermodel:build'}\n"
+                            "task: {kind: classification, input_shape: [8], classes: 4}\n"
+                            "training: {global_batch: 8}\ncluster: {preset: cpu-local}\n")
+    out = trainplan("inspect", spec)
+    assert out.returncode == 2 and "gate" in out.stderr and "leaf_modules" in out.stderr, out.stderr
+    fixed = spec.read_text().replace("model: {import: 'usermodel:build'}", "model: {import: 'usermodel:build', leaf_modules: [Gate]}")
+    spec.write_text(fixed)
+    assert trainplan("inspect", spec).returncode == 0
+
+
+@pytest.mark.slow
+def test_plan_writes_plan_and_reports_and_re_reports_identically(tmp_path):
+    out = trainplan("plan", "plans/laptop-gpt-tiny.yaml", "-o", tmp_path / "a")
+    assert out.returncode == 0, out.stderr
+    assert "layout" in out.stdout and "step time" in out.stdout
+    names = {p.name for p in (tmp_path / "a").iterdir()}
+    assert names == {"plan.yaml", "report.json", "report.md", "report.html"}
+    again = trainplan("plan", tmp_path / "a" / "plan.yaml", "-o", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    for name in ("plan.yaml", "report.md", "report.html"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    first, second = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
+    assert first["search"].pop("elapsed_s") > 0 and second["search"].pop("elapsed_s") is None
+    assert first == second
+    plan = yaml.safe_load((tmp_path / "a" / "plan.yaml").read_text())
+    assert plan["mesh"]["dp"] * plan["mesh"]["tp"] * plan["mesh"]["pp"] == 4
+
+
+@pytest.mark.slow
+def test_plan_with_nodes_and_cluster_overrides_and_json_output(tmp_path):
+    out = trainplan("plan", "plans/laptop-gpt-tiny.yaml", "-o", tmp_path, "--cluster", "a100-80g", "--nodes", "2",
+                    "--format", "json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    mesh = report["plan"]["mesh"]
+    assert mesh["dp"] * mesh["tp"] * mesh["pp"] == 16
+
+
+@pytest.mark.slow
+def test_infeasible_spec_exits_nonzero_with_the_closest_candidates(tmp_path):
+    spec = (REPO / "plans" / "gpt3-175b-a100.yaml").read_text().replace("nodes: 128}", "nodes: 1}")
+    out = trainplan("plan", _write(tmp_path, spec), "-o", tmp_path / "out")
+    assert out.returncode == 2, out.stdout
+    assert "no layout fits" in out.stderr and "would fit with" in out.stderr and "Traceback" not in out.stderr
