@@ -196,6 +196,10 @@ class _Prefix:
         return self.transient if any(self.span(self.blocks, i, j) for i, j in ranges) else 0.0
 
 
+def prefix_sums(model: ModelCosts, ut: UnitTimes) -> _Prefix:
+    return _Prefix(model, ut)
+
+
 def _inside(unit: int, ranges: list[tuple[int, int]]) -> bool:
     return any(i <= unit <= j for i, j in ranges)
 
@@ -253,9 +257,16 @@ def contiguous_stages(ctx: Context, lay: Layout, model: ModelCosts, px: _Prefix)
     ]
     budget = limit - float(ctx.cluster.device.memory_reserved)
 
-    def fits(k: int, i: int, j: int) -> bool:
-        rng = [(i, j)]
-        used = px.stage_params(rng) * per_param + px.span(px.acts, i, j) * in_flight[k] + px.stage_transient(rng)
+    params, acts, blocks, shared, transient = px.params, px.acts, px.blocks, px.shared, px.transient
+
+    def fits(k: int, i: int, j: int) -> bool:  # the partition's hot path: plain arithmetic
+        held = params[j + 1] - params[i]
+        for unit, owner, count in shared:
+            if i <= unit <= j and not i <= owner <= j:
+                held += count
+        used = held * per_param + (acts[j + 1] - acts[i]) * in_flight[k]
+        if blocks[j + 1] > blocks[i]:
+            used += transient
         return used <= budget
 
     # The fastest split ignoring memory is usually feasible; search under the memory limits only if not.
@@ -359,10 +370,13 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[floa
     return worst, algo, crosses
 
 
-def evaluate(model: ModelCosts, lay: Layout, ctx: Context, ut: UnitTimes | None = None) -> Evaluation:
-    """Cost ``lay``; ``ut`` may be passed when already computed (it depends only on tp, mb, recompute, sp)."""
+def evaluate(
+    model: ModelCosts, lay: Layout, ctx: Context, ut: UnitTimes | None = None, px: "_Prefix | None" = None
+) -> Evaluation:
+    """Cost ``lay``; ``ut`` and its prefix sums ``px`` may be passed when already computed (they depend
+    only on tp, micro-batch, recompute and sequence parallelism)."""
     ut = ut if ut is not None else unit_times(model, lay, ctx)
-    px = _Prefix(model, ut)
+    px = px if px is not None else prefix_sums(model, ut)
     if lay.schedule == "interleaved":
         stages, fits = interleaved_stages(ctx, lay, model, px)
     else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from trainplan.ir.spec import ParallelSpec
 from trainplan.planner import cost
-from trainplan.planner.evaluate import Context, Evaluation, UnitTimes, evaluate, unit_times
+from trainplan.planner.evaluate import Context, Evaluation, UnitTimes, evaluate, prefix_sums, unit_times
 from trainplan.planner.model_costs import ModelCosts
 from trainplan.planner.schedule import compiled, simulate
 from trainplan.planner.space import Layout, layouts
@@ -61,7 +61,7 @@ def search(
     infeasible: list[Evaluation] = []
     candidates = evaluated = feasible = 0
     width = keep + refine_top
-    unit_cache: dict[tuple, UnitTimes] = {}
+    unit_cache: dict[tuple, tuple[UnitTimes, object, float]] = {}  # times, prefix sums, one micro-batch's work
     fitted: set[tuple] = set()
     for lay in layouts(parallel, world, ctx.global_batch, units, blocks, model.facts):
         candidates += 1
@@ -71,11 +71,12 @@ def search(
             continue
         times_key = (lay.tp, lay.micro_batch, lay.recompute, lay.sequence_parallel)
         if times_key not in unit_cache:
-            unit_cache[times_key] = unit_times(model, lay, ctx)
-        ut = unit_cache[times_key]
-        if len(best) >= width and _pipeline_lower_bound(lay, ut) > -best[0][0]:
+            ut = unit_times(model, lay, ctx)
+            unit_cache[times_key] = (ut, prefix_sums(model, ut), sum(ut.fwd) + sum(ut.bwd))
+        ut, px, work = unit_cache[times_key]
+        if len(best) >= width and _pipeline_lower_bound(lay, work) > -best[0][0]:
             continue
-        ev = evaluate(model, lay, ctx, ut)
+        ev = evaluate(model, lay, ctx, ut, px)  # type: ignore[arg-type]
         evaluated += 1
         if not ev.fits:
             infeasible = _keep_closest(infeasible, ev)
@@ -111,14 +112,13 @@ def _dominated(lay: Layout, fitted: set[tuple]) -> bool:
     return lay.recompute != "none" and (*base, lay.zero, "none") in fitted
 
 
-def _pipeline_lower_bound(lay: Layout, ut: UnitTimes) -> float:
-    """Seconds the pipeline of ``lay`` cannot beat, from its per-unit times.
+def _pipeline_lower_bound(lay: Layout, total: float) -> float:
+    """Seconds the pipeline of ``lay`` cannot beat, given ``total``: one micro-batch's work over all units.
 
     With ``T`` one micro-batch's work over all units split into ``p`` stages, the makespan
     ``Σ_k t_k + (m − 1)·max_k t_k ≥ T + (m − 1)·T/p`` (GPipe / 1F1B), and ``(m + (p − 1)/v)·T/p``
     interleaved (Narayanan et al. 2021, Sec. 2.2); without a pipeline, ``m·T``.
     """
-    total = sum(ut.fwd) + sum(ut.bwd)
     m, p = lay.num_microbatches, lay.pp
     if lay.schedule == "interleaved":
         return (m + (p - 1) / lay.virtual_stages) * total / p
