@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,12 +41,14 @@ def trace(spec: Spec, base_dir: Path | None = None) -> OpGraph:
     )
 
 
-def plan(spec: Spec, base_dir: Path | None = None, keep: int = 10) -> tuple[Plan, float]:
+def plan(
+    spec: Spec, base_dir: Path | None = None, keep: int = 10, progress: Callable[[int, int], None] | None = None
+) -> tuple[Plan, float]:
     """Trace the spec's model and search for the fastest plan that fits; (plan, search seconds)."""
     from trainplan.planner import plan_from_graph
 
     graph = trace(spec, base_dir)
-    return plan_from_graph(resolve(spec), graph, keep)
+    return plan_from_graph(resolve(spec), graph, keep, progress)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -51,6 +51,10 @@ def _with_cluster(spec_path: str, nodes: int | None, cluster: str | None):  # no
         raise exc.with_source(f"{spec_path} (with --cluster/--nodes)") from None
 
 
+def _progress(candidates: int, evaluated: int) -> None:
+    print(f"\rsearching: {candidates} layouts enumerated, {evaluated} costed", end="", file=sys.stderr, flush=True)
+
+
 def _plan(args: argparse.Namespace) -> int:
     from trainplan import api
     from trainplan.planner import report
@@ -60,9 +64,13 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         spec = _with_cluster(args.spec, args.nodes, args.cluster)
         try:
-            plan, elapsed = api.plan(spec, base_dir=Path(args.spec).resolve().parent, keep=args.top)
+            plan, elapsed = api.plan(spec, base_dir=Path(args.spec).resolve().parent, keep=args.top,
+                                     progress=_progress if sys.stderr.isatty() else None)
         except SpecError as exc:
             raise exc.with_source(args.spec) from None
+        finally:
+            if sys.stderr.isatty():
+                print("\r\033[K", end="", file=sys.stderr)
     files = report.write_reports(plan, Path(args.out or Path("out") / plan.spec.name), elapsed)
     rendered = {"text": report.summary_text, "json": lambda p: report.report_json(p, elapsed),
                 "md": report.report_markdown, "html": report.report_html}[args.format](plan)

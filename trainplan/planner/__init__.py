@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from trainplan.errors import PlanningError
 from trainplan.ir.graph import OpGraph
@@ -25,7 +26,9 @@ def context_for(spec: Spec):  # noqa: ANN201 - evaluate.Context (imported lazily
     )
 
 
-def plan_from_graph(spec: Spec, graph: OpGraph, keep: int = 10) -> tuple[Plan, float]:
+def plan_from_graph(
+    spec: Spec, graph: OpGraph, keep: int = 10, progress: Callable[[int, int], None] | None = None
+) -> tuple[Plan, float]:
     """Search the spec's layouts for ``graph``; returns the plan and the search's wall time (s).
 
     Raises :class:`PlanningError` naming the closest candidates and what would make them fit when
@@ -39,7 +42,7 @@ def plan_from_graph(spec: Spec, graph: OpGraph, keep: int = 10) -> tuple[Plan, f
     start = time.perf_counter()
     model = model_costs_from_graph(graph)
     ctx = context_for(spec)
-    result = search(model, spec.parallel, ctx, keep)
+    result = search(model, spec.parallel, ctx, keep, progress=progress)
     if not result.ranked:
         raise PlanningError(_no_plan_message(spec, result, what_would_fit))
     plan = build_plan(spec, model, result, ctx, keep)

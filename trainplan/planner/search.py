@@ -14,6 +14,7 @@ simulation of their pipeline schedule (:mod:`trainplan.planner.schedule`).
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from trainplan.ir.spec import ParallelSpec
@@ -27,6 +28,7 @@ REFINE_TOP = 8  # candidates re-timed by event simulation
 REFINE_WITHIN = 0.05  # ... if their estimate is within this fraction of the best estimate
 REFINE_MAX_ACTIONS = 8192  # larger schedules keep the closed form (their stages are near-uniform chunks)
 MAX_INFEASIBLE_KEPT = 5
+PROGRESS_EVERY = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +51,17 @@ def _key(e: Evaluation) -> tuple[float, Layout]:
 
 
 def search(
-    model: ModelCosts, parallel: ParallelSpec, ctx: Context, keep: int = 10, refine_top: int = REFINE_TOP
+    model: ModelCosts,
+    parallel: ParallelSpec,
+    ctx: Context,
+    keep: int = 10,
+    refine_top: int = REFINE_TOP,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SearchResult:
     """The ``keep + 1`` fastest layouts that fit (winner first) and the closest that do not.
 
-    ``refine_top`` best estimates are re-timed by event simulation before the final ranking.
+    ``refine_top`` best estimates are re-timed by event simulation before the final ranking;
+    ``progress(candidates, evaluated)`` is called every ``PROGRESS_EVERY`` candidates.
     """
     units, blocks = len(model.units), model.blocks
     world, limit = ctx.cluster.world_size, float(ctx.cluster.device.memory)
@@ -65,6 +73,8 @@ def search(
     fitted: set[tuple] = set()
     for lay in layouts(parallel, world, ctx.global_batch, units, blocks, model.facts):
         candidates += 1
+        if progress is not None and candidates % PROGRESS_EVERY == 0:
+            progress(candidates, evaluated)
         if _dominated(lay, fitted):
             continue
         if _state_lower_bound(model, lay, ctx) > limit and len(infeasible) >= MAX_INFEASIBLE_KEPT:

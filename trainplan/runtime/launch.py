@@ -1,0 +1,158 @@
+"""Run a plan on this host: ``launch(plan, nproc=N, out_dir=D)`` starts N local worker processes.
+
+The workers are started and watched by torch's elastic agent — torchrun's machinery, with a
+single attempt (no restarts) and a c10d rendezvous on a free local port. Every worker runs
+:mod:`trainplan.runtime.worker`; rank 0's progress line is shown, every rank's output is kept in
+``D/logs``. When a worker fails the agent stops the others at once, and the launcher names the
+rank that failed first (from the workers' failure records: a rank whose own code failed, or that
+died without a word, comes before ranks whose collectives broke because of it) with its reason,
+in the returned error text, on stderr and in ``D/error.txt``.
+
+``run_reference`` (what ``--nproc 1`` means) is the plain single-process run of the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from trainplan.ir.loading import dump_yaml
+from trainplan.ir.plan import Plan
+from trainplan.runtime.mesh import check_world_size
+from trainplan.runtime.parallelize import check_plan
+from trainplan.runtime.train import run_reference
+
+__all__ = ["launch", "launch_sweep", "run_reference", "failure_summary"]
+
+
+def default_threads(nproc: int) -> int:
+    """Intra-op threads per worker: the usable cores shared evenly, at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // nproc)
+
+
+def _prepare(out: Path, plan: Plan) -> Path:
+    """A clean output folder holding the plan the workers read."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("failures", "logs", "params"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    for stale in ("metrics.jsonl", "summary.json", "error.txt"):
+        (out / stale).unlink(missing_ok=True)
+    path = out / "plan.yaml"
+    path.write_text(dump_yaml(plan))
+    return path
+
+
+def launch(plan: Plan, *, nproc: int, out_dir: str | Path, steps: int | None = None,
+           save_params: bool = False, threads: int | None = None) -> int:
+    """Run ``plan`` with ``nproc`` local workers; 0 when every worker succeeded, 1 otherwise.
+
+    Refuses (:class:`~trainplan.runtime.errors.WorldSizeError`) a plan whose mesh needs another
+    number of processes, and a layout the runtime cannot execute, before starting anything.
+    ``out_dir`` receives ``plan.yaml``, ``metrics.jsonl``, ``summary.json``, ``logs/`` and, on
+    failure, ``error.txt``; ``save_params`` also writes the final parameters to ``params/``.
+    """
+    return launch_sweep([plan], nproc=nproc, out_dirs=[out_dir], run_dir=out_dir, steps=steps,
+                        save_params=save_params, threads=threads)
+
+
+def launch_sweep(plans: Sequence[Plan], *, nproc: int, out_dirs: Sequence[str | Path], run_dir: str | Path,
+                 steps: int | None = None, save_params: bool = False, threads: int | None = None) -> int:
+    """Run several plans for the same world size one after the other in one set of workers.
+
+    Each plan writes its results to its ``out_dirs`` entry; the workers' logs, failure records and
+    ``error.txt`` go to ``run_dir``. Starting processes and a process group once, rather than per
+    plan, is what makes comparing many layouts on one machine quick.
+    """
+    if len(plans) != len(out_dirs) or not plans:
+        raise ValueError(f"expected one output folder per plan, got {len(plans)} plans and {len(out_dirs)} folders")
+    for plan in plans:
+        check_world_size(plan.mesh, nproc, f"--nproc {nproc}")
+        check_plan(plan)
+    run = Path(run_dir).resolve()
+    outs = [Path(d).resolve() for d in out_dirs]
+    args = ["-m", "trainplan.runtime.worker", "--run-dir", str(run), "--threads", str(threads or default_threads(nproc))]
+    for plan, out in zip(plans, outs):
+        args += ["--plan", str(_prepare(out, plan)), "--out", str(out)]
+    _prepare_run_dir(run)
+    if steps is not None:
+        args += ["--steps", str(steps)]
+    if save_params:
+        args.append("--save-params")
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"trainplan-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+        logs_specs=DefaultLogsSpecs(log_dir=str(run / "logs"), redirects=Std.ALL, tee={0: Std.OUT}),
+    )
+    try:
+        elastic_launch(config, sys.executable)(*args)
+    except ChildFailedError as exc:
+        message = failure_summary(run, {rank: f.exitcode for rank, f in exc.failures.items()}, nproc)
+        (run / "error.txt").write_text(message + "\n")
+        print(message, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _prepare_run_dir(run: Path) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    for stale in ("failures", "logs"):
+        shutil.rmtree(run / stale, ignore_errors=True)
+    (run / "error.txt").unlink(missing_ok=True)
+
+
+def _records(out: Path) -> dict[int, dict[str, object]]:
+    records = {}
+    for path in sorted((out / "failures").glob("rank-*.json")):
+        record = json.loads(path.read_text())
+        records[int(record["rank"])] = record
+    return records
+
+
+def failure_summary(out: Path, exit_codes: dict[int, int], world_size: int) -> str:
+    """Which rank failed first and why, then one line per other failed rank.
+
+    Order: ranks whose own code raised (earliest first), then ranks that died without writing a
+    record (killed, out of memory, a crash in native code), then ranks whose collectives broke.
+    When only broken collectives were seen, the ranks that had neither failed nor written a record
+    when the run was stopped are named: they are the ones that stalled.
+    """
+    records = _records(out)
+    # The agent stops the survivors of a failure with SIGTERM: without a record, such a rank was still running.
+    stopped = {r for r, code in exit_codes.items() if code == -signal.SIGTERM and r not in records}
+    ranks = sorted((set(records) | set(exit_codes)) - stopped)
+    running = [r for r in range(world_size) if r not in ranks]
+    own = sorted((r for r in ranks if records.get(r, {}).get("kind") == "error"), key=lambda r: records[r]["time_ns"])
+    silent = [r for r in ranks if r not in records]
+    peers = sorted((r for r in ranks if records.get(r, {}).get("kind") == "peer"), key=lambda r: records[r]["time_ns"])
+    ordered = own + silent + peers
+    lines = [f"run failed: {_describe(ordered[0], records, exit_codes)}"] if ordered else ["run failed"]
+    if ordered and ordered[0] in records and records[ordered[0]].get("plan"):
+        lines.append(f"    (while running {records[ordered[0]]['plan']})")
+    if ordered and ordered[0] in records:
+        lines += ["    " + line for line in str(records[ordered[0]]["traceback"]).rstrip().splitlines()[-12:]]
+    lines += [f"then {_describe(r, records, exit_codes)}" for r in ordered[1:]]
+    if running and not own and not silent:
+        lines.append(f"rank{'s' if len(running) > 1 else ''} {', '.join(map(str, running))} "
+                     f"{'were' if len(running) > 1 else 'was'} still running when the run was stopped: "
+                     "stalled (a hang, a deadlock, or far slower than the others)?")
+    lines.append(f"logs of every rank: {out / 'logs'}")
+    return "\n".join(lines)
+
+
+def _describe(rank: int, records: dict[int, dict[str, object]], exit_codes: dict[int, int]) -> str:
+    if rank in records:
+        return str(records[rank]["message"])
+    code = exit_codes.get(rank)
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+    return f"rank {rank} {how} without reporting an error (killed, out of memory, or a crash in native code)"
