@@ -58,7 +58,7 @@ def test_html_has_timeline_memory_bars_mesh_and_alternatives(plan):
     html = report_html(plan)
     m, p = plan.num_microbatches, plan.mesh.pp
     assert html.count('class="op"') == 2 * p * m  # one forward and one backward per micro-batch per rank
-    assert html.count('class="mem"') == 5 * len(plan.stages)
+    assert html.count('class="mem"') == 5 * plan.mesh.pp  # one bar per pipeline rank
     assert "device limit" in html and "Mesh and placement" in html and "Alternatives" in html
     assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
 

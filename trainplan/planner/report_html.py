@@ -29,9 +29,9 @@ th{background:#f3f3f3}h1{font-size:22px}h2{font-size:17px;margin-top:28px}.note{
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr>" if any(headers) else ""
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _shown_microbatches(plan: Plan) -> int:
@@ -77,14 +77,17 @@ def timeline_svg(plan: Plan) -> str:
 
 
 def memory_svg(plan: Plan) -> str:
-    """A stacked bar per stage (params, grads, optimizer, activations, overhead) against the device limit."""
+    """A stacked bar per pipeline rank (params, grads, optimizer, activations, overhead) against the
+    device limit; with interleaving a rank holds several stages and the bar is its whole memory."""
     limit = plan.spec.cluster.device.memory
-    top = max([limit, *(s.memory_bytes for s in plan.stages)])
+    ranks = plan.stages[: plan.mesh.pp]  # stage c·pp + r lives on pipeline rank r
+    top = max([limit, *(s.memory_bytes for s in ranks)])
     scale = (WIDTH - 220) / top
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{len(plan.stages) * ROW + 40}">']
-    for i, st in enumerate(plan.stages):
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{len(ranks) * ROW + 40}">']
+    for i, st in enumerate(ranks):
         y, x = i * ROW + 4, 80.0
-        parts.append(f'<text x="0" y="{y + 14}" font-size="12">stage {st.index}</text>')
+        label = f"stage {st.index}" if plan.virtual_stages == 1 else f"rank {i}"
+        parts.append(f'<text x="0" y="{y + 14}" font-size="12">{label}</text>')
         for name, color in MEMORY_COLORS:
             size = getattr(st.memory_breakdown, name)
             w = size * scale
@@ -93,7 +96,7 @@ def memory_svg(plan: Plan) -> str:
             x += w
         parts.append(f'<text x="{x + 6:.2f}" y="{y + 14}" font-size="12">{format_bytes(st.memory_bytes)}</text>')
     lx = 80 + limit * scale
-    height = len(plan.stages) * ROW + 4
+    height = len(ranks) * ROW + 4
     parts.append(f'<line x1="{lx:.2f}" y1="0" x2="{lx:.2f}" y2="{height}" stroke="#d00" stroke-dasharray="4 3"/>')
     parts.append(f'<text x="{lx:.2f}" y="{height + 16}" font-size="12" fill="#d00" text-anchor="middle">'
                  f"device limit {format_bytes(limit)}</text></svg>")
@@ -118,7 +121,7 @@ def report_html(plan: Plan) -> str:
         f"<h1>Plan: {escape(plan.spec.name)}</h1>",
         _table(["", ""], [[k, v] for k, v in headline(plan)]),
         "<h2>Pipeline timeline</h2>", timeline_svg(plan),
-        "<h2>Memory per stage</h2>", memory_svg(plan),
+        "<h2>Memory per device</h2>", memory_svg(plan),
         f"<h2>Mesh and placement</h2><p>mesh (pp, dp, tp) = ({mesh.pp}, {mesh.dp}, {mesh.tp}); "
         "tensor-parallel ranks are innermost, so a TP group stays inside a node.</p>",
         _table(["stage", "units", "ranks"], placement),
