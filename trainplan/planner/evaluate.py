@@ -138,8 +138,10 @@ def _edge(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float, 
     f = cost.lm_head_flops(facts, mb, lay.tp)
     eff = cost.gemm_efficiency(dev, dt, mb * facts.seq_len, facts.vocab // lay.tp, facts.hidden, dev.memory_bandwidth)
     acts = cost.output_layer_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel, eb)
+    # The final norm, the fp32 softmax and the cross-entropy stream these bytes: once forward, twice backward.
+    elem = cost.memory_bound_time_s(acts, dev)
     fwd = cost.compute_time_s(f, dev, dt, eff)
-    return fwd + tp_s, 2 * fwd + tp_s, 2 * tp_s, acts, 0.0, u.params / lay.tp
+    return fwd + elem + tp_s, 2 * (fwd + elem) + tp_s, 2 * tp_s, acts, 0.0, u.params / lay.tp
 
 
 def _other(ctx: Context, u: UnitCost, lay: Layout) -> tuple[float, float, float, float, float, float]:
