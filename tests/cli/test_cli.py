@@ -120,3 +120,23 @@ def test_infeasible_spec_exits_nonzero_with_the_closest_candidates(tmp_path):
     out = trainplan("plan", _write(tmp_path, spec), "-o", tmp_path / "out")
     assert out.returncode == 2, out.stdout
     assert "no layout fits" in out.stderr and "would fit with" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_plan_uses_a_cluster_file_like_the_one_calibrate_writes(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "name: measured host\nnodes: 1\ndevices_per_node: 2\nbackend: gloo\n"
+        "device: {name: CPU process, memory: 2 GiB, peak_flops: {fp32: 150 GFLOP/s}, efficiency: 0.8}\n"
+        "intra_node: {bandwidth: 2.4 GB/s, latency: 120 us}\ninter_node: {bandwidth: 2.4 GB/s, latency: 120 us}\n")
+    out = trainplan("plan", "plans/laptop-gpt-tiny.yaml", "-o", tmp_path / "out", "--cluster", cluster, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    mesh = report["plan"]["mesh"]
+    assert mesh["dp"] * mesh["tp"] * mesh["pp"] == 2
+    plan = yaml.safe_load((tmp_path / "out" / "plan.yaml").read_text())
+    assert plan["spec"]["cluster"]["name"] == "measured host"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndevices_per_node: 2\n")
+    out = trainplan("plan", "plans/laptop-gpt-tiny.yaml", "-o", tmp_path / "o2", "--cluster", bad)
+    assert out.returncode == 2 and "cluster.device: required field is missing" in out.stderr, out.stderr
