@@ -6,9 +6,8 @@ arithmetic, no torch. Units: seconds, bytes, FLOPs.
 Step time (Narayanan et al. 2021, Sec. 3): the pipeline's makespan over ``m`` micro-batches
 (stage times from the partition; with ``pp = 1`` it is gradient accumulation, ``m·(t_f + t_b)``),
 plus the part of the data-parallel gradient reduction the backward pass does not hide (Li et
-al. 2020, bucketed overlap), plus, for ZeRO-3, parameter all-gathers that compute does not hide.
-The optimizer update itself is not modelled (memory-bound, a few percent of a step at these
-scales — Narayanan et al. 2021 do not count it either).
+al. 2020, bucketed overlap), plus, for ZeRO-3, parameter all-gathers that compute does not hide,
+plus the optimizer update (memory-bound: its bytes per parameter over the memory bandwidth).
 """
 
 from __future__ import annotations
@@ -82,6 +81,7 @@ class Evaluation:
     pipeline_s: float
     bubble_fraction: float
     dp_exposed_s: float
+    optimizer_s: float
     tp_s: float
     pp_s: float
     p2p_s: float
@@ -386,10 +386,13 @@ def evaluate(
     p2p = p2p_seconds(ctx, lay, model)
     pipe = pipeline_estimate(lay, stages, p2p)
     dp_s, algo, crosses = dp_exposed(ctx, lay, stages)
-    return _evaluation(lay, fits, stages, pipe, dp_s, algo, crosses, p2p, ut, model, ctx)
+    # The update runs after the gradients are in; ZeRO-1+ updates a 1/dp shard on each rank.
+    shard = lay.dp if lay.zero >= 1 else 1
+    opt_s = max(cost.optimizer_step_time_s(s.params / shard, ctx.precision, ctx.optimizer, ctx.cluster.device) for s in stages)
+    return _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, model, ctx)
 
 
-def _evaluation(lay, fits, stages, pipe, dp_s, algo, crosses, p2p, ut, model, ctx) -> Evaluation:  # noqa: ANN001
+def _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, model, ctx) -> Evaluation:  # noqa: ANN001
     peak_stage = max(range(len(stages)), key=lambda k: stages[k].memory.total)
     busiest = max(s.fwd + s.bwd for s in stages)
     bubble = max(0.0, (pipe - lay.num_microbatches * busiest) / pipe) if pipe else 0.0
@@ -401,6 +404,6 @@ def _evaluation(lay, fits, stages, pipe, dp_s, algo, crosses, p2p, ut, model, ct
     eff = flops / lay.tp / (compute * peak) if compute > 0 else 0.0
     pp_s = 2 * (lay.pp - 1) * p2p
     return Evaluation(
-        lay, fits, pipe + dp_s, tuple(stages), stages[peak_stage].memory.total, peak_stage, pipe, bubble,
-        dp_s, tp_s, pp_s, p2p, algo, crosses, eff,
+        lay, fits, pipe + dp_s + opt_s, tuple(stages), stages[peak_stage].memory.total, peak_stage, pipe, bubble,
+        dp_s, opt_s, tp_s, pp_s, p2p, algo, crosses, eff,
     )

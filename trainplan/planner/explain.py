@@ -56,6 +56,7 @@ def slower_reason(ev: Evaluation, best: Evaluation) -> str:
         (ev.dp_exposed_s - best.dp_exposed_s, f"{dp_text} ({ev.dp_exposed_s:.3g} s vs {best.dp_exposed_s:.3g} s)"),
         (ev.tp_s - best.tp_s, f"tensor-parallel communication {ev.tp_s:.3g} s vs {best.tp_s:.3g} s"),
         (ev.pp_s - best.pp_s, f"pipeline transfers {ev.pp_s:.3g} s vs {best.pp_s:.3g} s"),
+        (ev.optimizer_s - best.optimizer_s, f"optimizer update {ev.optimizer_s:.3g} s vs {best.optimizer_s:.3g} s"),
         (_compute_s(ev) - _compute_s(best), _compute_cause(ev, best)),
     ]
     gain, text = max(causes, key=lambda c: (c[0], c[1]))

@@ -164,7 +164,7 @@ def refine(ev: Evaluation, model: ModelCosts, ctx: Context) -> Evaluation:
     pipe = timeline.makespan
     busiest = max(s.fwd + s.bwd for s in ev.stages)
     bubble = max(0.0, (pipe - lay.num_microbatches * busiest) / pipe)
-    return replace(ev, step_time=pipe + ev.dp_exposed_s, pipeline_s=pipe, bubble_fraction=bubble)
+    return replace(ev, step_time=pipe + ev.dp_exposed_s + ev.optimizer_s, pipeline_s=pipe, bubble_fraction=bubble)
 
 
 def simulate_evaluation(ev: Evaluation):  # noqa: ANN201 - returns schedule.Timeline

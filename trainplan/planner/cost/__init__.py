@@ -38,6 +38,8 @@ from trainplan.planner.cost.compute import (
     lm_head_flops,
     megatron_iteration_flops,
     memory_bound_time_s,
+    optimizer_bytes_per_param,
+    optimizer_step_time_s,
     kernel_overhead_s,
     LAYER_FORWARD_KERNELS,
     recompute_flops,

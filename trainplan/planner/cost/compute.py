@@ -245,6 +245,26 @@ def memory_bound_time_s(nbytes: float, device: Device) -> float:
     return nbytes / bandwidth if bandwidth else 0.0
 
 
+def optimizer_bytes_per_param(precision: str, optimizer: str) -> int:
+    """Bytes of memory traffic per parameter of one optimizer update (an element-wise, memory-bound pass).
+
+    Adam/AdamW read the gradient, read and write the two moments and the fp32 weights; with mixed
+    precision they read a 16-bit gradient and also write the 16-bit compute copy of the weights
+    (Rajbhandari et al. 2020, Sec. 3.1 lists the states): 2 + 8 + 8 + 8 + 2 = 28 bytes, or
+    4 + 8 + 8 + 4 = 24 in fp32. Plain SGD reads the gradient and updates the weights: 2 + 8 + 2 = 12
+    mixed, 4 + 8 = 12 in fp32.
+    """
+    adam = optimizer in ("adam", "adamw")
+    if precision == "fp32":
+        return 24 if adam else 12
+    return 28 if adam else 12
+
+
+def optimizer_step_time_s(params: float, precision: str, optimizer: str, device: Device) -> float:
+    """Seconds of one optimizer update of ``params`` parameters on one device: traffic over memory bandwidth."""
+    return memory_bound_time_s(params * optimizer_bytes_per_param(precision, optimizer), device)
+
+
 # Kernels one transformer layer launches in its forward pass, counted from Megatron-LM's GPT layer
 # with its fused kernels (Narayanan et al. 2021, Sec. 4.2): 2 LayerNorms, 4 GEMMs (QKV, output
 # projection, MLP up and down), 2 batched GEMMs of the attention core, the fused scale-mask-softmax,
