@@ -17,6 +17,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/trainplan inspect plans/gpt3-175b-a100.yaml
 	$(VENV)/bin/trainplan plan plans/gpt3-175b-a100.yaml -o out/gpt3-175b-a100
+	$(VENV)/bin/trainplan run plans/laptop-gpt-tiny.yaml --nproc 4 --steps 5
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -80,6 +80,50 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_spec(spec_path: str, nproc: int):  # noqa: ANN202
+    """The spec re-targeted at this machine: ``nproc`` CPU processes on gloo (the cpu-local preset)."""
+    from trainplan import api
+
+    spec = api.load_spec(spec_path)
+    data = spec.model_dump(mode="json", by_alias=True)
+    data["cluster"] = {"preset": "cpu-local", "devices_per_node": nproc}
+    return api.spec_from_dict(data)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trainplan import api
+    from trainplan.runtime.launch import launch, run_reference
+
+    out = Path(args.out) if args.out else None
+    if api.is_plan_file(args.spec):
+        plan = api.load_plan(args.spec)
+        nproc = args.nproc or plan.mesh.world_size
+    else:
+        nproc = args.nproc or 4
+        spec = _local_spec(args.spec, nproc)
+        if nproc == 1:
+            out = out or Path("out") / spec.name / "reference"
+            run_reference(api.resolve(spec), out, args.steps)
+            print(f"wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}")
+            return 0
+        try:
+            plan, _ = api.plan(spec, base_dir=Path(args.spec).resolve().parent)
+        except SpecError as exc:
+            raise exc.with_source(args.spec) from None
+        print(f"plan: {_layout(plan)} (estimated {plan.estimate.step_time_s * 1e3:.1f} ms per step)")
+    out = out or Path("out") / plan.spec.name / "run"
+    code = launch(plan, nproc=nproc, out_dir=out, steps=args.steps)
+    if code == 0:
+        print(f"wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}")
+    return code
+
+
+def _layout(plan) -> str:  # noqa: ANN001
+    from trainplan.planner.report import layout_line
+
+    return layout_line(plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainplan",
@@ -100,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", help="a cluster preset name or a cluster YAML file (e.g. from `trainplan calibrate`)")
     p.add_argument("--top", type=int, default=10, help="alternatives to keep in the report (default 10)")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("run", help="train a spec (planned for this machine) or a saved plan with torch.distributed")
+    p.add_argument("spec", help="a spec YAML file (planned for --nproc local processes) or a plan.yaml")
+    p.add_argument("--nproc", type=int, help="local processes (default: 4 for a spec, the plan's world size for a plan); "
+                   "1 runs the plain single-process reference")
+    p.add_argument("--out", help="output folder (default: out/<name>/run)")
+    p.add_argument("--steps", type=int, help="override training.steps")
+    p.set_defaults(func=_run)
 
     # `calibrate` owns its flags (trainplan.runtime.calibrate); main() hands it the raw arguments.
     sub.add_parser("calibrate", help="measure this machine and write a cluster description (see --help)", add_help=False)

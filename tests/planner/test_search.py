@@ -93,8 +93,8 @@ def test_same_spec_gives_byte_identical_plans():
 
 
 def test_fixed_fields_are_honoured_in_the_plan():
-    plan = _plan(_spec(tp=2, pp=2, schedule="gpipe", zero=1, recompute="selective"))
-    assert (plan.mesh.tp, plan.mesh.pp, plan.schedule, plan.zero, plan.recompute) == (2, 2, "gpipe", 1, "selective")
+    plan = _plan(_spec(tp=2, pp=2, schedule="gpipe", zero=2, recompute="selective"))
+    assert (plan.mesh.tp, plan.mesh.pp, plan.schedule, plan.zero, plan.recompute) == (2, 2, "gpipe", 2, "selective")
     assert plan.mesh.world_size == 16
     assert len(plan.stages) == 2
     assert plan.tp_styles["layers.*.attn.q"] == "colwise" and plan.tp_styles["wte"] == "vocab"

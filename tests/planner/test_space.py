@@ -19,11 +19,19 @@ def test_every_layout_uses_the_whole_cluster_and_batch():
 
 
 def test_fixed_fields_are_honoured():
-    fixed = ParallelSpec(tp=8, recompute="full", zero=1, schedule="1f1b")
+    fixed = ParallelSpec(tp=8, recompute="full", zero=2, schedule="1f1b")
     seen = list(layouts(fixed, 1024, 1536, 98, 96, GPT3))
     assert seen
-    assert {(lay.tp, lay.recompute, lay.zero) for lay in seen} == {(8, "full", 1)}
+    assert {(lay.tp, lay.recompute, lay.zero) for lay in seen} == {(8, "full", 2)}
     assert {lay.schedule for lay in seen} == {"1f1b"}
+
+
+def test_zero1_is_not_combined_with_tensor_parallelism():
+    # the runtime's ZeRO-1 (ZeroRedundancyOptimizer) cannot hold DTensor parameters
+    seen = list(layouts(ParallelSpec(), 16, 64, 98, 96, GPT3))
+    assert any(lay.zero == 1 for lay in seen)
+    assert all(lay.tp == 1 for lay in seen if lay.zero == 1)
+    assert list(layouts(ParallelSpec(tp=2, zero=1), 16, 64, 98, 96, GPT3)) == []
 
 
 def test_impossible_fixed_values_give_an_empty_space():

@@ -109,16 +109,13 @@ def _fit_key(lay: Layout) -> tuple:
 
 
 def _dominated(lay: Layout, fitted: set[tuple]) -> bool:
-    """A layout no faster than one that already fits, and no simpler.
+    """A layout slower than one that already fits: recomputation only adds work, so when ``none``
+    fits, ``selective`` and ``full`` (otherwise identical) are slower (Korthikanti et al. 2022, Sec. 5).
 
-    ZeRO-1 and -2 partition state but move the same bytes as plain data parallelism
-    (Rajbhandari et al. 2020, Sec. 7.2), so when a lower stage fits, a higher one (up to 2) has the
-    same step time. Recomputation only adds work: when ``none`` fits, ``selective`` and ``full`` are
-    slower (Korthikanti et al. 2022, Sec. 5).
+    (ZeRO stages do not dominate each other: ZeRO-1/2 move the same bytes as plain data
+    parallelism but shard the optimizer update, ZeRO-3 adds all-gathers; all are costed.)
     """
     base = (lay.tp, lay.pp, lay.micro_batch, lay.schedule, lay.virtual_stages, lay.sequence_parallel)
-    if lay.zero in (1, 2) and any((*base, z, lay.recompute) in fitted for z in range(lay.zero)):
-        return True
     return lay.recompute != "none" and (*base, lay.zero, "none") in fitted
 
 

@@ -71,6 +71,13 @@ def schedules(pp: int, blocks: int, m: int, fixed: object = AUTO) -> list[tuple[
     return out
 
 
+def _zero_stages(tp: int) -> list[int]:
+    """ZeRO stages the runtime can execute with this TP degree: ZeRO-1 is torch's
+    ZeroRedundancyOptimizer, which cannot hold tensor-parallel (DTensor) parameters; ZeRO-2
+    shards at least as much, so nothing is lost."""
+    return [0, 1, 2, 3] if tp == 1 else [0, 2, 3]
+
+
 def layouts(
     parallel: ParallelSpec,
     world: int,
@@ -92,7 +99,7 @@ def layouts(
                 for sched, v in schedules(pp, blocks, m, parallel.schedule):
                     if parallel.schedule not in (AUTO, sched) or parallel.virtual_stages not in (AUTO, v):
                         continue
-                    for zero in _allowed(parallel.zero, [0, 1, 2, 3]):
+                    for zero in _allowed(parallel.zero, _zero_stages(tp)):
                         for rc in _allowed(parallel.recompute, recomputes):
                             for sp in _allowed(parallel.sequence_parallel, [False, True] if tp > 1 else [False]):
                                 yield Layout(tp, pp, dp, mb, m, sched, v, zero, rc, sp)

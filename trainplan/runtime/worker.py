@@ -18,6 +18,7 @@ died or stalled; the launcher uses these to name the rank that failed first.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace, current: list[Path]) -> None:
         current[:] = [path]
         mesh = build_mesh(plan.mesh, device=device, timeout_s=plan.collective_timeout_s)
         train(plan, mesh, out, steps=args.steps, save_params=args.save_params)
+        gc.collect()  # free this plan's DDP/FSDP state (held in reference cycles) while its groups still work
         dist.barrier()
     dist.destroy_process_group()
 
