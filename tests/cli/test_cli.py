@@ -140,3 +140,30 @@ def test_plan_uses_a_cluster_file_like_the_one_calibrate_writes(tmp_path):
     bad.write_text("name: x\ndevices_per_node: 2\n")
     out = trainplan("plan", "plans/laptop-gpt-tiny.yaml", "-o", tmp_path / "o2", "--cluster", bad)
     assert out.returncode == 2 and "cluster.device: required field is missing" in out.stderr, out.stderr
+
+
+def _losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_run_plans_for_this_machine_and_matches_the_single_process_run(tmp_path):
+    parallel = trainplan("run", "plans/laptop-gpt-tiny.yaml", "--nproc", "2", "--steps", "3", "--out", tmp_path / "p2")
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    assert "plan: dp=" in parallel.stdout
+    single = trainplan("run", "plans/laptop-gpt-tiny.yaml", "--nproc", "1", "--steps", "3", "--out", tmp_path / "p1")
+    assert single.returncode == 0, single.stdout + single.stderr
+    a, b = _losses(tmp_path / "p2"), _losses(tmp_path / "p1")
+    assert len(a) == len(b) == 3
+    assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (a, b)
+    summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    assert summary["measured_over_estimated"] > 0 and summary["estimated_step_time_s"] > 0
+
+
+@pytest.mark.slow
+def test_run_refuses_a_plan_for_another_world_size(tmp_path):
+    planned = trainplan("plan", "plans/laptop-gpt-tiny.yaml", "-o", tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    out = trainplan("run", tmp_path / "plan.yaml", "--nproc", "3", "--out", tmp_path / "run")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "3" in out.stderr and "4" in out.stderr
