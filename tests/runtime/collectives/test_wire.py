@@ -42,7 +42,8 @@ def test_split_sizes_is_tensor_split(numel: int, parts: int) -> None:
 @given(numel=numels, size=st.sampled_from([2, 4]), pieces=st.integers(1, 16), min_bytes=st.integers(1, 2**20))
 def test_pieces_are_bounded(numel: int, size: int, pieces: int, min_bytes: int) -> None:
     p = pieces_for(numel, size, pieces, min_bytes)
-    assert 1 <= p <= max(1, min(pieces, numel))
+    assert p >= 1
+    assert p <= max(1, min(pieces, numel))
 
 
 @given(numel=numels, n=worlds)
