@@ -29,8 +29,9 @@ class Device(Strict):
     )
     memory_bandwidth: BytesPerSecond | None = Field(
         None,
-        description="Device memory (HBM/DRAM) bandwidth, bytes/s; lets the cost model slow down "
-        "small, memory-bound GEMMs (roofline). None treats every GEMM as compute-bound.",
+        description="Achievable device memory (HBM/DRAM) bandwidth, bytes/s (what a streaming copy "
+        "reaches, about 80% of the datasheet figure on GPUs); the cost model's roofline uses it for "
+        "memory-bound GEMMs and element-wise operators. None treats everything as compute-bound.",
     )
     kernel_launch: Seconds = Field(
         0.0,
