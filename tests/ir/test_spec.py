@@ -113,3 +113,10 @@ def test_bad_yaml_file(tmp_path):
         load(Spec, path)
     with pytest.raises(SpecError, match="no such file"):
         load(Spec, tmp_path / "missing.yaml")
+
+
+def test_unknown_keys_that_look_like_pydantic_markers_are_reported():
+    # found by the fuzzer: pydantic's union-branch names ('literal[...', 'int') must not swallow a user's key
+    for key in ("literal[", "int", "function-after"):
+        err = error_of(with_change(f"parallel.{key}", 1))
+        assert f"unknown key {key!r}" in str(err), err

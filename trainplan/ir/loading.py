@@ -52,7 +52,9 @@ def load(model: type[M], path: str | Path) -> M:
 def _problems(model: type[BaseModel], exc: ValidationError) -> list[tuple[str, str]]:
     seen: dict[str, str] = {}
     for err in exc.errors(include_url=False):
-        loc = _clean_loc(err["loc"])
+        raw = tuple(err["loc"])
+        # The last element of an unknown-key error is the user's key, whatever it spells.
+        loc = _clean_loc(raw[:-1]) + raw[-1:] if err["type"] == "extra_forbidden" and raw else _clean_loc(raw)
         path, message = _describe(model, loc, err)
         seen.setdefault(path, message)
     return sorted(seen.items())
