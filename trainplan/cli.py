@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override training.steps")
     p.set_defaults(func=_run)
 
+    # `launch` and `calibrate` own their flags (trainplan.runtime.launchers / .calibrate); main() hands them the raw arguments.
+    sub.add_parser("launch", help="run a plan on this host, or submit it to Slurm or Kubernetes (see --help)", add_help=False)
     # `calibrate` owns its flags (trainplan.runtime.calibrate); main() hands it the raw arguments.
     sub.add_parser("calibrate", help="measure this machine and write a cluster description (see --help)", add_help=False)
     return parser
@@ -165,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from trainplan.runtime.calibrate import calibrate_main
 
             return calibrate_main(argv[1:])
+        if argv[:1] == ["launch"]:
+            from trainplan.runtime.launchers import launch_main
+
+            return launch_main(argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except TrainplanError as exc:
