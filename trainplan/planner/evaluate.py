@@ -58,6 +58,7 @@ class UnitTimes:
     acts: tuple[float, ...]  # bytes stored per micro-batch
     transient: tuple[float, ...]  # recompute working set
     params: tuple[float, ...]  # parameters on one device (TP-sharded)
+    tp_degree: int  # the tensor-parallel degree the sharded parameters were divided by
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,8 @@ def unit_times(model: ModelCosts, lay: Layout, ctx: Context) -> UnitTimes:
                 seen[key] = _other(ctx, u, lay)
         rows.append(seen[key])
     cols = list(zip(*rows))
-    return UnitTimes(*(tuple(c) for c in cols))
+    sharded = lay.tp if model.facts is not None else 1
+    return UnitTimes(*(tuple(c) for c in cols), tp_degree=sharded)
 
 
 # ------------------------------------------------------------------------------- stages
@@ -181,8 +183,7 @@ class _Prefix:
         self.acts, self.params = _acc(ut.acts), _acc(ut.params)
         self.transient = max(ut.transient, default=0.0)
         self.blocks = _acc([1.0 if u.kind == "block" else 0.0 for u in model.units])
-        tp = ut_tp(model, ut)
-        self.shared = tuple((unit, owner, count / tp) for unit, owner, count in model.shared)
+        self.shared = tuple((unit, owner, count / ut.tp_degree) for unit, owner, count in model.shared)
 
     def span(self, arr: list[float], i: int, j: int) -> float:
         return arr[j + 1] - arr[i]
@@ -204,14 +205,6 @@ def prefix_sums(model: ModelCosts, ut: UnitTimes) -> _Prefix:
 
 def _inside(unit: int, ranges: list[tuple[int, int]]) -> bool:
     return any(i <= unit <= j for i, j in ranges)
-
-
-def ut_tp(model: ModelCosts, ut: UnitTimes) -> int:
-    """The TP degree the unit params were divided by (1 when nothing was sharded)."""
-    for u, p in zip(model.units, ut.params):
-        if u.params and p:
-            return max(1, round(u.params / p))
-    return 1
 
 
 def _acc(xs: list[float] | tuple[float, ...]) -> list[float]:
