@@ -42,7 +42,8 @@ def _with_cluster(spec_path: str, nodes: int | None, cluster: str | None):  # no
         return spec
     data = spec.model_dump(mode="json", by_alias=True)
     if cluster is not None:
-        data["cluster"] = read_yaml(cluster) if Path(cluster).is_file() else {"preset": cluster}
+        looks_like_file = cluster.endswith((".yaml", ".yml", ".json")) or "/" in cluster
+        data["cluster"] = read_yaml(cluster) if looks_like_file else {"preset": cluster}
     if nodes is not None:
         data["cluster"]["nodes"] = nodes
     try:
@@ -124,6 +125,16 @@ def _layout(plan) -> str:  # noqa: ANN001
     return layout_line(plan)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainplan",
@@ -140,17 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="a spec YAML file, or a plan.yaml to re-report without searching")
     p.add_argument("-o", "--out", help="output folder (default: out/<spec name>)")
     p.add_argument("--format", choices=("text", "json", "md", "html"), default="text", help="what to print")
-    p.add_argument("--nodes", type=int, help="override cluster.nodes")
+    p.add_argument("--nodes", type=_positive, help="override cluster.nodes")
     p.add_argument("--cluster", help="a cluster preset name or a cluster YAML file (e.g. from `trainplan calibrate`)")
-    p.add_argument("--top", type=int, default=10, help="alternatives to keep in the report (default 10)")
+    p.add_argument("--top", type=_positive, default=10, help="alternatives to keep in the report (default 10)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("run", help="train a spec (planned for this machine) or a saved plan with torch.distributed")
     p.add_argument("spec", help="a spec YAML file (planned for --nproc local processes) or a plan.yaml")
-    p.add_argument("--nproc", type=int, help="local processes (default: 4 for a spec, the plan's world size for a plan); "
+    p.add_argument("--nproc", type=_positive, help="local processes (default: 4 for a spec, the plan's world size for a plan); "
                    "1 runs the plain single-process reference")
     p.add_argument("--out", help="output folder (default: out/<name>/run)")
-    p.add_argument("--steps", type=int, help="override training.steps")
+    p.add_argument("--steps", type=_positive, help="override training.steps")
     p.set_defaults(func=_run)
 
     # `launch` and `calibrate` own their flags (trainplan.runtime.launchers / .calibrate); main() hands them the raw arguments.

@@ -22,7 +22,7 @@ def read_yaml(path: str | Path) -> Any:
     """Parse a YAML (or JSON) file, with a clear error for a missing file or bad syntax."""
     p = Path(path)
     if not p.is_file():
-        raise SpecError([("", f"no such file: {p} (expected a YAML spec or plan)")])
+        raise SpecError([("", f"no such file: {p} (expected a YAML file)")])
     try:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
