@@ -42,8 +42,10 @@ def _with_cluster(spec_path: str, nodes: int | None, cluster: str | None):  # no
         return spec
     data = spec.model_dump(mode="json", by_alias=True)
     if cluster is not None:
-        looks_like_file = cluster.endswith((".yaml", ".yml", ".json")) or "/" in cluster
+        looks_like_file = cluster.endswith((".yaml", ".yml", ".json")) or "/" in cluster or Path(cluster).is_file()
         data["cluster"] = read_yaml(cluster) if looks_like_file else {"preset": cluster}
+        if not isinstance(data["cluster"], dict):
+            raise SpecError([("", "expected a cluster description (a mapping), e.g. one written by `trainplan calibrate`")], cluster)
     if nodes is not None:
         data["cluster"]["nodes"] = nodes
     try:

@@ -120,3 +120,31 @@ def test_unknown_keys_that_look_like_pydantic_markers_are_reported():
     for key in ("literal[", "int", "function-after"):
         err = error_of(with_change(f"parallel.{key}", 1))
         assert f"unknown key {key!r}" in str(err), err
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("cluster.device", {"peak_flops": {"bf16": 0, "fp32": 0}}, "positive rate"),
+        ("cluster.device", {"memory": 0}, "must exceed memory_reserved"),
+        ("cluster.device", {"memory_bandwidth": 0}, "memory_bandwidth must be positive"),
+        ("cluster.device", {"memory": "1e400 GiB"}, "finite number"),
+        ("name", "../../etc", "usable as a folder name"),
+    ],
+)
+def test_unphysical_clusters_and_unsafe_names_are_refused(path, value, message):
+    # found in review: these used to pass validation and crash (or misbehave) at plan time
+    data = with_change(path, value) if path == "name" else with_change("cluster", {"preset": "a100-80g", "nodes": 128, "device": value})
+    assert message in str(error_of(data)).lower() or message in str(error_of(data))
+
+
+def test_a_device_without_a_rate_for_the_precision_is_refused():
+    err = error_of(with_change("cluster", {"preset": "v100-32g", "nodes": 128}))  # Volta has no bf16
+    assert "no rate for training.precision 'bf16'" in str(err)
+
+
+def test_bare_numbers_in_strings_are_base_units():
+    # YAML 1.1 reads 25e9 (no dot) as a string
+    from trainplan.ir.units import parse_bandwidth, parse_flops, parse_seconds
+
+    assert parse_bandwidth("25e9") == 25e9 and parse_flops("312e12") == 312e12 and parse_seconds("5e-6") == 5e-6

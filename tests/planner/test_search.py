@@ -31,7 +31,7 @@ unit_st = st.tuples(
 
 
 def _ctx(nodes, per_node, memory, batch, precision="fp32"):
-    cluster = load_preset("cpu-local", nodes=nodes, devices_per_node=per_node, device={"memory": memory})
+    cluster = load_preset("cpu-local", nodes=nodes, devices_per_node=per_node, device={"memory": memory, "memory_reserved": 0})
     return Context(cluster, precision, "adam", batch, 1, "auto")
 
 
@@ -126,7 +126,7 @@ def test_infeasible_spec_names_the_closest_candidates_and_the_fix():
 
     spec = _spec()
     tight = validate(Spec, {**spec.model_dump(mode="json", by_alias=True),
-                            "cluster": {"preset": "a100-80g", "nodes": 2, "device": {"memory": "2 GiB"}}})
+                            "cluster": {"preset": "a100-80g", "nodes": 2, "device": {"memory": "150 MiB", "memory_reserved": "100 MiB"}}})
     model = model_costs_from_facts(TransformerFacts("decoder", 8, 1024, 16, 16, 4096, 51200, 1024, True))
     result = search(model, tight.parallel, context_for(tight))
     assert not result.ranked and result.infeasible

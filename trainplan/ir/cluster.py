@@ -55,6 +55,19 @@ class Device(Strict):
         None, ge=0, description="Price of one device for one hour, for cost estimates."
     )
 
+    @model_validator(mode="after")
+    def _physical(self) -> "Device":
+        problems = []
+        if self.memory <= self.memory_reserved:
+            problems.append(f"memory ({self.memory} bytes) must exceed memory_reserved ({self.memory_reserved} bytes)")
+        if self.memory_bandwidth is not None and self.memory_bandwidth <= 0:
+            problems.append(f"memory_bandwidth must be positive, got {self.memory_bandwidth}")
+        if not self.peak_flops or any(v <= 0 for v in self.peak_flops.values()):
+            problems.append(f"peak_flops needs a positive rate for each dtype it lists, got {dict(self.peak_flops)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; fp32 math falls back to tf32 only if fp32 is missing."""
         if dtype in self.peak_flops:

@@ -175,7 +175,7 @@ class ParallelSpec(Strict):
 
 class Spec(Strict):
     version: Literal[1] = Field(SPEC_VERSION, description="Spec format version.")
-    name: str = Field(description="A name for the run; used in reports and output paths.")
+    name: str = Field(description="A name for the run; used in reports and as the default output folder name.")
     model: ModelSpec = Field(description="What to train: a catalogue model, an import path or a Hugging Face config.")
     task: TaskSpec = Field(default_factory=TaskSpec, description="The loss and the data (synthetic by default).")
     training: TrainingSpec = Field(description="Batch, precision, optimizer, steps and seed.")
@@ -185,11 +185,30 @@ class Spec(Strict):
     parallel: ParallelSpec = Field(
         default_factory=ParallelSpec, description="Parallel layout; omitted fields are 'auto' (searched)."
     )
-    objective: Literal["throughput", "memory"] = Field(
-        "throughput", description="throughput: fastest plan that fits; memory: least memory per device."
+    objective: Literal["throughput"] = Field(
+        "throughput", description="throughput: the fastest plan that fits (the only objective so far)."
     )
 
     @field_validator("cluster", mode="before")
     @classmethod
     def _expand_cluster_preset(cls, raw: Any) -> Any:
         return expand_preset(raw)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_folder_name(cls, v: str) -> str:
+        if not v.strip() or "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError(f"expected a name usable as a folder name (no '/', '\\', no leading '.'), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _device_runs_the_precision(self) -> "Spec":
+        try:
+            self.cluster.device.peak(self.training.precision)
+        except KeyError:
+            have = ", ".join(self.cluster.device.peak_flops)
+            raise ValueError(
+                f"cluster.device.peak_flops has no rate for training.precision {self.training.precision!r} "
+                f"(it lists {have}); add one or change the precision"
+            ) from None
+        return self

@@ -22,8 +22,8 @@ _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 def _split(value: str) -> tuple[float, str]:
     m = re.fullmatch(rf"\s*{_NUMBER}\s*(.*?)\s*", value)
-    if not m:
-        raise ValueError(f"expected a number with an optional unit, got {value!r}")
+    if not m or not math.isfinite(float(m.group(1))):
+        raise ValueError(f"expected a finite number with an optional unit, got {value!r}")
     return float(m.group(1)), m.group(2)
 
 
@@ -53,7 +53,7 @@ def parse_bytes(value: Any) -> int:
         return int(plain)
     num, unit = _split(value)
     m = re.fullmatch(r"(Ki|Mi|Gi|Ti|Pi|[kKMGTPE]?)(B|bytes?)?", unit)
-    if not m or (unit and not m.group(2) and not m.group(1)):
+    if not m or (m.group(1) and not m.group(2)):  # a bare prefix such as "80 k" is ambiguous
         raise ValueError(f"expected {what}, got {value!r}")
     scale = _prefix_scale(m.group(1))
     return int(round(num * scale))
@@ -66,6 +66,8 @@ def parse_bandwidth(value: Any) -> float:
     if plain is not None:
         return plain
     num, unit = _split(value)
+    if not unit:  # YAML reads 25e9 (no dot) as a string; a bare number is already in bytes/s
+        return num
     m = re.fullmatch(r"(Ki|Mi|Gi|Ti|[kKMGTP]?)(B|b|bit|bits|byte|bytes)/s", unit)
     if not m:
         raise ValueError(f"expected {what}, got {value!r}")
@@ -80,6 +82,8 @@ def parse_flops(value: Any) -> float:
     if plain is not None:
         return plain
     num, unit = _split(value)
+    if not unit:
+        return num
     m = re.fullmatch(r"([kKMGTPE]?)(FLOP/s|FLOPS|flop/s|flops)", unit)
     if not m:
         raise ValueError(f"expected {what}, got {value!r}")
@@ -93,6 +97,8 @@ def parse_seconds(value: Any) -> float:
     if plain is not None:
         return plain
     num, unit = _split(value)
+    if not unit:
+        return num
     if unit not in _TIME:
         raise ValueError(f"expected {what}, got {value!r}")
     return num * _TIME[unit]

@@ -317,10 +317,9 @@ def pipeline_estimate(lay: Layout, stages: list[StageCost], p2p: float) -> float
     if lay.pp == 1:
         return m * per[0]
     if lay.schedule == "interleaved":
-        v = lay.virtual_stages
         worst = max(range(len(stages)), key=lambda k: per[k])
         base = cost_uniform(lay, stages[worst].fwd, stages[worst].bwd)
-        return base + 2 * (lay.pp * v - 1) * p2p
+        return base + 2 * (lay.pp * lay.virtual_stages - 1) * p2p
     return sum(per) + (m - 1) * max(per) + 2 * (lay.pp - 1) * p2p
 
 

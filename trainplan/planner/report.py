@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainplan.errors import TrainplanError
 from trainplan.ir.plan import Plan
 from trainplan.ir.units import format_bytes, format_count
 from trainplan.planner.table import format_table
@@ -163,7 +164,6 @@ def write_reports(plan: Plan, out_dir: Path, elapsed_s: float | None) -> list[Pa
     from trainplan.ir.loading import dump_yaml
     from trainplan.planner.report_html import report_html
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     contents = {
         "plan.yaml": dump_yaml(plan),
         "report.json": report_json(plan, elapsed_s),
@@ -171,12 +171,16 @@ def write_reports(plan: Plan, out_dir: Path, elapsed_s: float | None) -> list[Pa
         "report.html": report_html(plan),
     }
     paths = []
-    for name, text in contents.items():
-        path = out_dir / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        paths.append(path)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in contents.items():
+            path = out_dir / name
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            paths.append(path)
+    except OSError as exc:
+        raise TrainplanError(f"cannot write the reports to {out_dir}: {exc.strerror or exc}; choose another -o folder") from None
     return paths
 
 

@@ -77,8 +77,9 @@ def search(
             progress(candidates, evaluated)
         if _dominated(lay, fitted):
             continue
-        if _state_lower_bound(model, lay, ctx) > limit and len(infeasible) >= MAX_INFEASIBLE_KEPT:
-            continue
+        bound = _state_lower_bound(model, lay, ctx)
+        if bound > limit and len(infeasible) >= MAX_INFEASIBLE_KEPT and bound >= infeasible[-1].peak_memory:
+            continue  # cannot come closer to fitting than the candidates already kept
         times_key = (lay.tp, lay.micro_batch, lay.recompute, lay.sequence_parallel)
         if times_key not in unit_cache:
             ut = unit_times(model, lay, ctx)
