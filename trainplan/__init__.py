@@ -5,12 +5,15 @@ Library entry points (the CLI is a thin layer over the same functions)::
     import trainplan
     spec = trainplan.load_spec("plans/gpt3-175b-a100.yaml")
     plan = trainplan.plan(spec)            # trace on meta, search, return the Plan (nothing runs)
+
+    # inside a torchrun script: plan for this process group and parallelise a model object
+    plan, model = trainplan.auto_parallelize(my_model, (example_tokens,), training={"global_batch": 32})
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -38,4 +41,14 @@ def plan(spec: "Spec | str | Path", keep: int = 10) -> "Plan":
     return api.plan(spec, base_dir=base, keep=keep)[0]
 
 
-__all__ = ["__version__", "load_spec", "plan"]
+def auto_parallelize(model: Any, example_inputs: Any, **kwargs: Any) -> Any:
+    """Plan ``model`` for the running process group and parallelise it; returns ``(plan, parallel_model)``.
+
+    See :func:`trainplan.auto.auto_parallelize` for the arguments.
+    """
+    from trainplan.auto import auto_parallelize as _auto_parallelize
+
+    return _auto_parallelize(model, example_inputs, **kwargs)
+
+
+__all__ = ["__version__", "auto_parallelize", "load_spec", "plan"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BeforeValidator, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from trainplan.ir.base import Strict
 from trainplan.ir.cluster import Cluster, expand_preset
@@ -72,6 +72,11 @@ class ModelSpec(Strict):
         "next to the spec file.",
     )
     hf: HFModel | None = Field(None, description="A Hugging Face transformers model built from config.")
+    instance: str | None = Field(
+        None,
+        description="A model object given to trainplan.auto_parallelize in Python ('module:Class', for the "
+        "record); such a plan runs only with that object, never from the spec alone.",
+    )
     args: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of the catalogue builder or imported function."
     )
@@ -82,7 +87,8 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ModelSpec":
-        given = [k for k, v in (("catalogue", self.catalogue), ("import", self.import_), ("hf", self.hf)) if v]
+        sources = (("catalogue", self.catalogue), ("import", self.import_), ("hf", self.hf), ("instance", self.instance))
+        given = [k for k, v in sources if v]
         if len(given) != 1:
             got = ", ".join(given) if given else "none"
             raise ValueError(f"expected exactly one of 'catalogue', 'import' or 'hf', got {got}")
@@ -140,6 +146,40 @@ class TrainingSpec(Strict):
     seed: int = Field(0, description="Seed of initialisation and synthetic data.")
 
 
+class CommSpec(Strict):
+    """Options of the data-parallel communication and consistency modes; each has a default, so a
+    spec or plan without ``comm`` keeps its meaning. Only the options of the chosen ``allreduce``,
+    ``sync`` and ``compression`` are used."""
+
+    topk_ratio: float = Field(
+        0.01, gt=0, le=1,
+        description="compression: topk — fraction of each gradient bucket's entries sent per step (the rest is "
+        "carried to the next step as error feedback).",
+    )
+    powersgd_rank: PositiveInt = Field(1, description="compression: powersgd — rank of the low-rank factors P and Q.")
+    local_size: PositiveInt | None = Field(
+        None,
+        description="allreduce: hierarchical — data-parallel ranks per node (must divide dp); null: as many as "
+        "share a node of the cluster.",
+    )
+    ps_servers: PositiveInt | None = Field(
+        None,
+        description="allreduce: ps — ranks holding a shard of the parameters, co-located with workers (the first "
+        "ps_servers data-parallel ranks); null: every data-parallel rank.",
+    )
+    staleness: NonNegativeInt = Field(
+        0,
+        description="sync: async (parameter server) — staleness bound s: a worker more than s pushes ahead of the "
+        "slowest waits; 0 is synchronous.",
+    )
+    local_sgd_period: PositiveInt = Field(
+        4, description="sync: local_sgd — replicas step alone and average their parameters every H steps."
+    )
+    local_sgd_warmup: NonNegativeInt = Field(
+        0, description="sync: local_sgd — synchronous (gradient-averaging) steps before local steps begin."
+    )
+
+
 class ParallelSpec(Strict):
     dp: AutoPositiveInt = Field(AUTO, description="Data-parallel degree.")
     tp: AutoPositiveInt = Field(AUTO, description="Tensor-parallel degree (Megatron-style).")
@@ -167,10 +207,15 @@ class ParallelSpec(Strict):
     compression: Annotated[Union[Auto, Compression], _auto_choice("none", "fp16", "bf16", "topk", "powersgd")] = Field(
         AUTO, description="Gradient compression."
     )
+    comm: CommSpec = Field(
+        default_factory=CommSpec,
+        description="Options of the chosen all-reduce, consistency mode and compression (topk ratio, PowerSGD "
+        "rank, ranks per node, parameter servers, staleness, local-SGD period).",
+    )
 
     def fixed(self) -> dict[str, Any]:
         """The fields the user fixed (not 'auto')."""
-        return {k: v for k, v in self.model_dump().items() if v != AUTO}
+        return {k: v for k, v in self.model_dump(exclude={"comm"}).items() if v != AUTO}
 
 
 class Spec(Strict):

@@ -76,7 +76,7 @@ def resolve_task(spec: ModelSpec, task: TaskSpec) -> TaskSpec:
     ``task: {kind: classification}``); a written kind that the model cannot serve is an error.
     ``kind: import`` (a user dataset) passes through unchanged.
     """
-    if spec.import_ is not None:
+    if spec.import_ is not None or spec.instance is not None:
         return explicit_task(task)
     if spec.hf is not None:
         facts = hf_facts(spec.hf)
@@ -161,6 +161,10 @@ def build_model(
     if spec.hf is not None:
         module, facts = build_hf(spec.hf, device)
         return BuiltModel(module, task, facts)
+    if spec.instance is not None:
+        raise SpecError([("model.instance", f"this spec describes a model object ({spec.instance}) given to "
+                          "trainplan.auto_parallelize in Python; it cannot be rebuilt from the spec: call "
+                          "auto_parallelize(model, example_inputs, plan=plan) with that model")])
     module, facts = build_imported(spec, device, base_dir)
     if facts is not None and task.kind == "lm":
         _resolve_lm_task(task, facts.vocab, facts.seq_len)  # the declared facts must agree with the task

@@ -49,6 +49,20 @@ class ParallelModel:
     def optimizer(self) -> torch.optim.Optimizer:
         return self.trainer.rank_model.optimizer
 
+    @property
+    def rows_per_replica(self) -> int:
+        """Samples this replica trains on per step: ``micro_batch x num_microbatches``."""
+        return self.trainer.shard.rows
+
+    def replica_rows(self, global_batch: torch.Tensor) -> torch.Tensor:
+        """This replica's rows of a step's global batch (the serial run's batch), as the runtime shards it."""
+        shard = self.trainer.shard
+        if global_batch.shape[0] != shard.rows * shard.replicas:
+            raise PlanExecutionError(
+                f"expected the global batch of {shard.rows * shard.replicas} rows, got {global_batch.shape[0]}"
+            )
+        return global_batch[shard.start : shard.start + shard.rows]
+
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One training step on this replica's rows; returns the mean loss over the global batch."""
         return self.trainer.step(inputs, targets)
@@ -59,15 +73,29 @@ class ParallelModel:
         return self.modules[0](*inputs)
 
 
-def _process_group(plan: Plan) -> None:
-    """Join the group torchrun described in the environment, unless the caller already has one."""
+def launched_world_size() -> int:
+    """Processes of the caller's group, or the ones torchrun announced in the environment."""
     if dist.is_initialized():
-        return
+        return dist.get_world_size()
     if "WORLD_SIZE" not in os.environ:
         raise PlanExecutionError("auto_parallelize needs a process group: run under torchrun, or call "
                                  "torch.distributed.init_process_group first")
-    check_world_size(plan.mesh, int(os.environ["WORLD_SIZE"]), "torchrun (WORLD_SIZE)")
-    dist.init_process_group(plan.spec.cluster.backend, timeout=timedelta(seconds=plan.collective_timeout_s))
+    return int(os.environ["WORLD_SIZE"])
+
+
+def ensure_process_group(backend: str, timeout_s: float) -> None:
+    """Join the group torchrun described in the environment, unless the caller already has one."""
+    if dist.is_initialized():
+        return
+    launched_world_size()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _process_group(plan: Plan) -> None:
+    check_world_size(plan.mesh, launched_world_size(), "torchrun (WORLD_SIZE)")
+    ensure_process_group(plan.spec.cluster.backend, plan.collective_timeout_s)
 
 
 def check_example_inputs(example_inputs: Sequence[torch.Tensor], plan: Plan) -> None:
@@ -91,6 +119,12 @@ def auto_parallelize(model: nn.Module, example_inputs: Sequence[torch.Tensor], *
     ``task`` (default: the plan's spec's, resolved) picks the loss unless ``loss_fn`` is given.
     """
     check_example_inputs(example_inputs, plan)
+    return parallelize(model, plan, task=task, loss_fn=loss_fn)
+
+
+def parallelize(model: nn.Module, plan: Plan, *, task: TaskSpec | None = None,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> ParallelModel:
+    """:func:`auto_parallelize` without the example-input check (the planner already traced the model)."""
     check_layout(plan)
     if plan.mesh.pp > 1 or plan.mesh.tp > 1:
         check_structure(plan, model, task or _task(plan))
