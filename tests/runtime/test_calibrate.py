@@ -3,6 +3,7 @@ multi-process runs on gloo (a full quick calibration, a worker that fails, a wor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -29,6 +30,7 @@ from trainplan.runtime.calibrate import (
     bus_bandwidth,
     calibrate,
     calibrate_main,
+    copy_bandwidth,
     cluster_from_measurement,
     fit_alpha_beta,
     gemm_efficiency,
@@ -116,6 +118,32 @@ def test_gemm_flops_and_transformer_shapes() -> None:
     up, down = transformer_gemms(2048, 768)
     assert (up.m, up.k, up.n) == (2048, 768, 3072) and (down.m, down.k, down.n) == (2048, 3072, 768)
     assert up.flops == down.flops == 2 * 2048 * 768 * 3072
+
+
+def test_backward_transformer_shapes_are_a_linear_layers_three_products() -> None:
+    products = transformer_gemms(256, 128, backward=True)
+    assert [g.layout for g in products] == ["nt", "nn", "tn"] * 2
+    forward, dx, dw = products[:3]
+    assert (forward.m, forward.k, forward.n) == (256, 128, 512)
+    assert (dx.m, dx.k, dx.n) == (256, 512, 128)  # dy (tokens, 4h) @ W (4h, h)
+    assert (dw.m, dw.k, dw.n) == (512, 256, 128)  # dy^T (4h, tokens) @ x (tokens, h)
+    assert forward.flops == dx.flops == dw.flops
+
+
+def test_copy_bandwidth_counts_read_and_write() -> None:
+    assert copy_bandwidth(2**30, 0.5) == pytest.approx(2 * 2**30 / 0.5)
+    with pytest.raises(ValueError):
+        copy_bandwidth(2**30, 0.0)
+
+
+def test_measured_bandwidth_and_kernel_cost_replace_the_presets_guesses() -> None:
+    m = dataclasses.replace(measurement(), memory_bandwidth=12.5e9, kernel_launch=7.5e-6)
+    c = cluster_from_measurement(m, base="cpu-local")
+    assert c.device.memory_bandwidth == pytest.approx(12.5e9) and c.device.kernel_launch == pytest.approx(7.5e-6)
+    text = render_yaml(c, m)
+    assert "memory_bandwidth: copy" in text and "kernel_launch: a chain" in text
+    unmeasured = cluster_from_measurement(measurement(), base="cpu-local")
+    assert unmeasured.device.memory_bandwidth == load_preset("cpu-local").device.memory_bandwidth
 
 
 def timing(dtype: str, family: str, size: int, gflops: float) -> GemmTiming:
@@ -259,6 +287,7 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     assert 0 < c.device.memory_reserved < c.device.memory
     assert 1e6 < c.intra_node.bandwidth < 1e12
     assert 1e-9 < c.intra_node.latency < 1.0
+    assert 1e8 < c.device.memory_bandwidth < 1e13 and 1e-8 < c.device.kernel_launch < 1e-2
     assert children() <= before
     assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
 

@@ -4,8 +4,9 @@ One run spawns ``nproc`` local worker processes joined in a torch.distributed gr
 NCCL on CUDA). Every worker times matrix products at the same time as the others (so the figure
 is what one "device" achieves while its peers also compute), then the group times all-reduce and
 a rank 0 <-> rank 1 send/recv ping-pong over message sizes 4 KiB..64 MiB. The parent turns the
-timings into a :class:`~trainplan.ir.cluster.Cluster` (peak FLOP/s per dtype, efficiency, memory,
-and an alpha-beta link) and writes it as YAML, atomically, with a header saying how it was measured.
+timings into a :class:`~trainplan.ir.cluster.Cluster` (peak FLOP/s per dtype, GEMM efficiency at
+training shapes forward and backward, memory, memory bandwidth, fixed cost per kernel, and an
+alpha-beta link) and writes it as YAML, atomically, with a header saying how it was measured.
 
 The code is split across three modules:
 
@@ -59,12 +60,18 @@ class CalibrationError(TrainplanError):
 
 @dataclass(frozen=True, slots=True)
 class Gemm:
-    """One matrix product ``(m, k) @ (k, n)``; ``family`` is ``'square'`` or ``'transformer'``."""
+    """One matrix product ``(m, k) @ (k, n)``; ``family`` is ``'square'`` or ``'transformer'``.
+
+    ``layout`` says which operand is read through a transposed view, as autograd runs a linear
+    layer's products: ``"nt"`` the forward ``x @ W^T``, ``"nn"`` the input gradient ``dy @ W``,
+    ``"tn"`` the weight gradient ``dy^T @ x`` (strided reads cost differently on CPUs).
+    """
 
     m: int
     k: int
     n: int
     family: str
+    layout: str = "nn"
 
     @property
     def flops(self) -> int:
@@ -72,10 +79,23 @@ class Gemm:
         return 2 * self.m * self.k * self.n
 
 
-def transformer_gemms(tokens: int, hidden: int) -> list[Gemm]:
+def transformer_gemms(tokens: int, hidden: int, *, backward: bool = False) -> list[Gemm]:
     """The two MLP products of a transformer layer with b·s = ``tokens``: (b·s, h)@(h, 4h) and
-    (b·s, 4h)@(4h, h), the 4h expansion of Vaswani et al. (2017) used by GPT and BERT."""
-    return [Gemm(tokens, hidden, 4 * hidden, "transformer"), Gemm(tokens, 4 * hidden, hidden, "transformer")]
+    (b·s, 4h)@(4h, h), the 4h expansion of Vaswani et al. (2017) used by GPT and BERT.
+
+    With ``backward``, each as a linear layer runs it in training: the forward product, then the
+    input-gradient and weight-gradient products of its backward (each of the forward's FLOPs:
+    Narayanan et al. 2021, Sec. 5.1), in the operand layouts autograd uses.
+    """
+    out = []
+    for k, n in ((hidden, 4 * hidden), (4 * hidden, hidden)):
+        if not backward:
+            out.append(Gemm(tokens, k, n, "transformer"))
+            continue
+        out += [Gemm(tokens, k, n, "transformer", "nt"),  # y = x @ W^T, W stored (n, k)
+                Gemm(tokens, n, k, "transformer", "nn"),  # dx = dy @ W
+                Gemm(n, tokens, k, "transformer", "tn")]  # dW = dy^T @ x
+    return out
 
 
 def squares(*sizes: int) -> list[Gemm]:
@@ -93,6 +113,8 @@ class BenchPlan:
     max_gemm_s: float  # once one product of a dtype takes this long, its larger shapes are skipped
     min_sample_s: float  # products are batched per timed sample until a sample lasts this long
     comm_sizes: tuple[int, ...]
+    copy_bytes: int = 64 * MiB  # the memory-bandwidth copy (source and destination each)
+    kernel_chain: int = 64  # tiny linear layers timed forward + backward for the per-kernel cost
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,15 +132,19 @@ def bench_plan(quick: bool, cuda: bool) -> BenchPlan:
     sizes = tuple(4 * KiB * 4**i for i in range(8))  # 4 KiB .. 64 MiB
     if cuda:
         if quick:
-            gemms = squares(1024, 4096) + transformer_gemms(4096, 2048)
+            gemms = squares(1024, 4096) + transformer_gemms(4096, 2048, backward=True)
         else:
-            gemms = squares(1024, 2048, 4096, 8192) + transformer_gemms(8192, 4096) + transformer_gemms(8192, 8192)
+            gemms = (squares(1024, 2048, 4096, 8192) + transformer_gemms(8192, 4096, backward=True)
+                     + transformer_gemms(8192, 8192, backward=True))
         return BenchPlan(tuple(gemms), CUDA_DTYPES, 3 if quick else 5, 5 if quick else 10, 1.0, 2e-3,
-                         sizes[::2] if quick else sizes)
+                         sizes[::2] if quick else sizes, copy_bytes=1024 * MiB)
+    # CPU runs train small models: micro-batches of a few hundred tokens at widths of 128-1024.
     if quick:
-        gemms = squares(256, 512, 1024) + transformer_gemms(1024, 512)
-        return BenchPlan(tuple(gemms), CPU_DTYPES, 1, 3, 0.25, 2e-3, sizes[::2])
-    gemms = squares(256, 512, 1024, 2048) + transformer_gemms(2048, 768) + transformer_gemms(2048, 1024)
+        gemms = squares(256, 512, 1024) + transformer_gemms(256, 256, backward=True) + transformer_gemms(1024, 512)
+        return BenchPlan(tuple(gemms), CPU_DTYPES, 1, 3, 0.25, 2e-3, sizes[::2], copy_bytes=16 * MiB)
+    gemms = (squares(256, 512, 1024, 2048) + transformer_gemms(128, 256, backward=True)
+             + transformer_gemms(512, 512, backward=True) + transformer_gemms(2048, 768, backward=True)
+             + transformer_gemms(2048, 1024, backward=True))
     return BenchPlan(tuple(gemms), CPU_DTYPES, 2, 7, 2.0, 2e-3, sizes)
 
 
@@ -275,6 +301,8 @@ class Measurement:
     allreduce: tuple[tuple[int, float], ...]
     started_utc: str
     wall_s: float
+    memory_bandwidth: float | None = None  # bytes/s of a copy, slowest rank (None: not measured)
+    kernel_launch: float | None = None  # seconds of fixed cost per kernel, slowest rank
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -325,7 +353,18 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         gemms=tuple(slowest_rank(per_rank)),
         p2p=tuple((int(n), float(s)) for n, s in results[0].get("p2p", [])),
         allreduce=tuple((int(n), float(s)) for n, s in results[0].get("allreduce", [])),
-        started_utc=started, wall_s=time.monotonic() - t0)
+        started_utc=started, wall_s=time.monotonic() - t0,
+        memory_bandwidth=min(copy_bandwidth(*r["copy"]) for r in results) if "copy" in results[0] else None,
+        kernel_launch=max(r["kernel"] for r in results) if "kernel" in results[0] else None)
+
+
+def copy_bandwidth(nbytes: float, seconds: float) -> float:
+    """Memory bandwidth of copying ``nbytes`` in ``seconds``: the bytes read plus the bytes written
+    over the time, as STREAM counts its Copy kernel (McCalpin 1995, "Memory Bandwidth and Machine
+    Balance", counting 2 words of traffic per element copied). Bytes/s."""
+    if nbytes <= 0 or seconds <= 0:
+        raise ValueError(f"a copy needs positive bytes and time, got {nbytes} B in {seconds} s")
+    return 2 * nbytes / seconds
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -358,6 +397,10 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
         "device": {"name": m.device_name, "memory": m.memory, "memory_reserved": m.memory_reserved,
                    "efficiency": _sig(_efficiency(m.gemms, ref), 3)},
     }
+    if m.memory_bandwidth is not None:
+        measured["device"]["memory_bandwidth"] = _sig(m.memory_bandwidth)
+    if m.kernel_launch is not None:
+        measured["device"]["kernel_launch"] = _sig(m.kernel_launch)
     if m.p2p:
         link = link_from_p2p(m.p2p)
         measured.update(intra_node=link, inter_node=dict(link))
@@ -385,9 +428,15 @@ def summary_lines(m: Measurement) -> list[str]:
              "thread(s) (threads = cores // processes, what each worker of a run gets).",
              "Matmul, all processes at once, median per shape, slowest rank; peak_flops = best shape per dtype;",
              "efficiency = median transformer-shaped (b*s,h)@(h,4h) / (b*s,4h)@(4h,h) over best, same dtype:"]
-    for t in sorted(m.gemms, key=lambda t: (t.dtype, t.gemm.family, t.gemm.flops)):
-        shape = f"{t.gemm.m}x{t.gemm.k} @ {t.gemm.k}x{t.gemm.n}"
-        lines.append(f"  {t.dtype:4} {t.gemm.family:11} {shape:>22}: {t.flops_per_s / 1e9:8.1f} GFLOP/s")
+    for t in sorted(m.gemms, key=lambda t: (t.dtype, t.gemm.family, t.gemm.flops, t.gemm.layout)):
+        shape = f"{t.gemm.m}x{t.gemm.k} @ {t.gemm.k}x{t.gemm.n} {t.gemm.layout}"
+        lines.append(f"  {t.dtype:4} {t.gemm.family:11} {shape:>25}: {t.flops_per_s / 1e9:8.1f} GFLOP/s")
+    if m.memory_bandwidth is not None:
+        lines.append(f"memory_bandwidth: copy, all processes at once, slowest rank, (read + write) / time: "
+                     f"{m.memory_bandwidth / 1e9:.2f} GB/s")
+    if m.kernel_launch is not None:
+        lines.append("kernel_launch: a chain of tiny (1x8)@(8x8) linear layers, forward + backward, over 3 kernels "
+                     f"per layer (the cost model's count), slowest rank: {m.kernel_launch * 1e6:.2f} us")
     if m.p2p:
         lines.append("p2p ping-pong, one way; link = least-squares fit of time = latency + bytes / bandwidth:")
         lines += [f"  {format_bytes(n):>10}: {s * 1e6:10.1f} us  {n / s / 1e9:8.3f} GB/s" for n, s in m.p2p]

@@ -3,8 +3,9 @@
 :func:`calibration_worker` is the ``'module:function'`` target that
 :func:`trainplan.runtime.calibrate.measure` hands to
 :func:`trainplan.runtime.local_workers.run_local_workers`. Every rank reads its process's memory
-use, then times matrix products while the other ranks do the same, so the figure is what one
-device achieves while its peers also compute. After that the group times all-reduce and a
+use, then times matrix products, a memory copy and the fixed cost per kernel while the other ranks
+do the same, so each figure is what one device achieves while its peers also work. After that the
+group times all-reduce and a
 rank 0 <-> rank 1 send/recv ping-pong at every size in :attr:`BenchPlan.comm_sizes`.
 """
 
@@ -54,10 +55,17 @@ def _set_fp32_precision(dtype: str, device: torch.device) -> None:
         torch.backends.cuda.matmul.fp32_precision = "tf32" if dtype == "tf32" else "ieee"
 
 
+def _operand(rows: int, cols: int, transposed: bool, dtype: str, device: torch.device) -> torch.Tensor:
+    """A ``(rows, cols)`` operand, stored as ``(cols, rows)`` and viewed transposed when ``transposed``."""
+    if transposed:
+        return torch.randn(cols, rows, device=device).to(TORCH_DTYPE[dtype]).t()
+    return torch.randn(rows, cols, device=device).to(TORCH_DTYPE[dtype])
+
+
 def time_gemm(gemm: Gemm, dtype: str, device: torch.device, plan: BenchPlan) -> float:
     """Median seconds of one product over ``plan.repeats`` samples after ``plan.warmup`` calls."""
-    a = torch.randn(gemm.m, gemm.k, device=device).to(TORCH_DTYPE[dtype])
-    b = torch.randn(gemm.k, gemm.n, device=device).to(TORCH_DTYPE[dtype])
+    a = _operand(gemm.m, gemm.k, gemm.layout[0] == "t", dtype, device)
+    b = _operand(gemm.k, gemm.n, gemm.layout[1] == "t", dtype, device)
     for _ in range(plan.warmup):
         torch.mm(a, b)
     once = _timed(lambda: torch.mm(a, b), device)
@@ -78,6 +86,42 @@ def measure_gemms(device: torch.device, plan: BenchPlan) -> list[dict[str, Any]]
             if seconds > plan.max_gemm_s:
                 break
     return out
+
+
+def time_copy(nbytes: int, device: torch.device, plan: BenchPlan) -> float:
+    """Median seconds of copying ``nbytes`` of fp32 from one buffer into another (STREAM Copy)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(plan.warmup + 1):
+        dst.copy_(src)
+    return statistics.median(_timed(lambda: dst.copy_(src), device) for _ in range(max(3, plan.repeats)))
+
+
+def time_kernel_overhead(device: torch.device, plan: BenchPlan) -> float:
+    """Seconds of fixed cost per kernel, as the cost model counts kernels.
+
+    The cost model charges a layer's forward kernels once and its backward twice as many
+    (:func:`trainplan.planner.cost.compute.kernel_overhead_s`). A chain of tiny linear layers
+    ``(1, 8) @ (8, 8)`` does no measurable work, and each runs exactly that: one product forward,
+    the input- and weight-gradient products backward. Its forward + backward time over three
+    kernels per layer is therefore the fixed cost per counted kernel, with the framework's
+    dispatch and autograd bookkeeping included (which dominate on CPUs; launch latency on GPUs).
+    """
+    n = plan.kernel_chain
+    x = torch.randn(1, 8, device=device)
+    weights = [(torch.eye(8, device=device) + 0.01 * torch.randn(8, 8, device=device)).requires_grad_()
+               for _ in range(n)]
+
+    def forward_backward() -> None:
+        y = x
+        for w in weights:
+            y = y @ w
+        y.sum().backward()
+
+    for _ in range(plan.warmup + 2):
+        forward_backward()
+    per_chain = statistics.median(_timed(forward_backward, device, 10) for _ in range(max(3, plan.repeats)))
+    return per_chain / (3 * n)
 
 
 def _barrier(ctx: WorkerContext) -> None:
@@ -132,13 +176,18 @@ def _memory_facts(device: torch.device) -> dict[str, int]:
 
 
 def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
-    """One worker's measurements: memory, matrix products (all ranks at once), then communication."""
+    """One worker's measurements: memory, matrix products, memory copy and per-kernel cost (all ranks
+    at once), then communication."""
     plan = BenchPlan.from_json(ctx.config)
     result: dict[str, Any] = {"memory": _memory_facts(ctx.device)}
     if ctx.device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(ctx.device)
     _barrier(ctx)
     result["gemms"] = measure_gemms(ctx.device, plan)
+    _barrier(ctx)
+    result["copy"] = [plan.copy_bytes, time_copy(plan.copy_bytes, ctx.device, plan)]
+    _barrier(ctx)
+    result["kernel"] = time_kernel_overhead(ctx.device, plan)
     _barrier(ctx)
     if ctx.world_size > 1:
         result["allreduce"] = [[n, time_allreduce(n, ctx, plan)] for n in plan.comm_sizes]
