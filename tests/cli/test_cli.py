@@ -148,9 +148,17 @@ def _losses(folder):
 
 @pytest.mark.slow
 def test_run_plans_for_this_machine_and_matches_the_single_process_run(tmp_path):
-    parallel = trainplan("run", "plans/laptop-gpt-tiny.yaml", "--nproc", "2", "--steps", "3", "--out", tmp_path / "p2")
+    cluster = tmp_path / "calibrated.yaml"  # as `trainplan calibrate` writes it, measured with another --nproc
+    cluster.write_text(
+        "name: measured host\nnodes: 1\ndevices_per_node: 4\nbackend: gloo\n"
+        "device: {name: CPU process, memory: 2 GiB, peak_flops: {fp32: 30 GFLOP/s}, efficiency: 0.5, kernel_launch: 20 us}\n"
+        "intra_node: {bandwidth: 2.4 GB/s, latency: 120 us}\ninter_node: {bandwidth: 2.4 GB/s, latency: 120 us}\n")
+    parallel = trainplan("run", "plans/laptop-gpt-tiny.yaml", "--nproc", "2", "--steps", "3", "--out", tmp_path / "p2",
+                         "--cluster", cluster)
     assert parallel.returncode == 0, parallel.stdout + parallel.stderr
     assert "plan: dp=" in parallel.stdout
+    ran = yaml.safe_load((tmp_path / "p2" / "plan.yaml").read_text())["spec"]["cluster"]
+    assert (ran["name"], ran["nodes"], ran["devices_per_node"]) == ("measured host", 1, 2)
     single = trainplan("run", "plans/laptop-gpt-tiny.yaml", "--nproc", "1", "--steps", "3", "--out", tmp_path / "p1")
     assert single.returncode == 0, single.stdout + single.stderr
     a, b = _losses(tmp_path / "p2"), _losses(tmp_path / "p1")
@@ -167,3 +175,5 @@ def test_run_refuses_a_plan_for_another_world_size(tmp_path):
     out = trainplan("run", tmp_path / "plan.yaml", "--nproc", "3", "--out", tmp_path / "run")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "3" in out.stderr and "4" in out.stderr
+    out = trainplan("run", tmp_path / "plan.yaml", "--cluster", "cpu-local", "--out", tmp_path / "run")
+    assert out.returncode == 2 and "--cluster applies to a spec" in out.stderr, out.stderr

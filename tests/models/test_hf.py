@@ -89,7 +89,7 @@ BERT_RULES = [
     (r"\.attn\.proj\.", ".attention.output.dense."), (r"\.ln_1\.", ".attention.output.LayerNorm."),
     (r"\.mlp\.fc\.", ".intermediate.dense."), (r"\.mlp\.proj\.", ".output.dense."), (r"\.ln_2\.", ".output.LayerNorm."),
     (r"^head\.dense\.", "cls.predictions.transform.dense."), (r"^head\.ln\.", "cls.predictions.transform.LayerNorm."),
-    (r"^head\.lm_head\.weight", "bert.embeddings.word_embeddings.weight"), (r"^head\.lm_head\.bias", "cls.predictions.bias"),
+    (r"^head\.lm_head\.weight", "bert.embeddings.word_embeddings.weight"), (r"^head\.lm_head\.bias", "cls.predictions.decoder.bias"),
 ]
 
 
@@ -181,10 +181,15 @@ def test_catalogue_gpt_equals_hf_gpt2_with_the_same_weights() -> None:
     torch.testing.assert_close(ours(tokens), hf(tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_meta_built_hf_models_are_not_materialised_with_garbage_buffers() -> None:
+def test_meta_built_hf_models_get_their_buffers_and_unknown_buffers_are_refused() -> None:
     from trainplan.errors import TrainplanError
     from trainplan.models import materialize
 
-    meta = build_model(hf_spec("bert", **BERT)).module
-    with pytest.raises(TrainplanError, match="position_ids"):
-        materialize(meta, "cpu", seed=0)
+    meta = materialize(build_model(hf_spec("bert", **BERT)).module, "cpu", seed=0)
+    embeddings = meta.hf.bert.embeddings
+    assert torch.equal(embeddings.position_ids, torch.arange(16).unsqueeze(0))
+    assert torch.equal(embeddings.token_type_ids, torch.zeros(1, 16, dtype=torch.long))
+    stranger = build_model(hf_spec("bert", **BERT)).module
+    stranger.hf.bert.encoder.register_buffer("scratch", torch.empty(3, device="meta"))  # nobody knows its values
+    with pytest.raises(TrainplanError, match="hf.bert.encoder.scratch"):
+        materialize(stranger, "cpu", seed=0)

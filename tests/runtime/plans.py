@@ -14,7 +14,7 @@ import torch
 
 from trainplan.ir.loading import validate
 from trainplan.ir.plan import Plan, spec_hash
-from trainplan.ir.spec import Spec
+from trainplan.ir.spec import CommSpec, Spec
 from trainplan.models import build_model
 
 ZERO_MEMORY = {"params": 0, "grads": 0, "optimizer": 0, "activations": 0}
@@ -100,22 +100,24 @@ def even_stages(spec: Spec, n: int) -> list[list[str]]:
 def make_plan(spec: dict[str, Any] | Spec, *, dp: int = 1, tp: int = 1, pp: int = 1, micro_batch: int | None = None,
               schedule: str = "1f1b", virtual_stages: int = 1, zero: int = 0, recompute: str = "none",
               sequence_parallel: bool = False, stages: list[list[str]] | None = None,
-              tp_styles: dict[str, str] | None = None, collective_timeout_s: int = 60) -> Plan:
+              tp_styles: dict[str, str] | None = None, collective_timeout_s: int = 60, allreduce: str = "native",
+              sync: str = "sync", compression: str = "none", comm: dict[str, Any] | None = None) -> Plan:
     """A valid plan of ``spec`` with the given layout (micro_batch defaults to one micro-batch per replica)."""
     spec = spec if isinstance(spec, Spec) else validate(Spec, spec)
     per_replica = spec.training.global_batch // dp
     micro_batch = micro_batch or per_replica
     fixed = {"dp": dp, "tp": tp, "pp": pp, "micro_batch": micro_batch, "schedule": schedule,
              "virtual_stages": virtual_stages, "zero": zero, "recompute": recompute,
-             "sequence_parallel": sequence_parallel, "allreduce": "native", "sync": "sync", "compression": "none"}
+             "sequence_parallel": sequence_parallel, "allreduce": allreduce, "sync": sync, "compression": compression,
+             "comm": CommSpec(**(comm or {}))}
     spec = spec.model_copy(update={"parallel": spec.parallel.model_copy(update=fixed)})
     stage_lists = stages or even_stages(spec, pp * virtual_stages)
     data = {
         "spec": spec, "spec_hash": spec_hash(spec), "mesh": {"pp": pp, "dp": dp, "tp": tp},
         "micro_batch": micro_batch, "num_microbatches": per_replica // micro_batch,
         "schedule": schedule, "virtual_stages": virtual_stages, "zero": zero, "recompute": recompute,
-        "sequence_parallel": sequence_parallel, "allreduce": "native", "sync": "sync", "compression": "none",
-        "tp_styles": tp_styles or {},
+        "sequence_parallel": sequence_parallel, "allreduce": allreduce, "sync": sync, "compression": compression,
+        "comm": comm or {}, "tp_styles": tp_styles or {},
         "stages": [_stage(i, modules, pp, dp, tp) for i, modules in enumerate(stage_lists)],
         "model": {"params": 0, "flops_per_sample": 0.0},
         "estimate": ZERO_ESTIMATE,

@@ -29,3 +29,9 @@ class TransformerFacts:
     tied_embeddings: bool
     gated_mlp: bool = False
     learned_positions: bool = True
+    # False when the layers have no Megatron-style sharding the runtime can apply (GPT-2's fused
+    # Conv1D q/k/v projection): the planner then keeps tp = 1.
+    tensor_parallel: bool = True
+    # False when the runtime cannot keep the residual stream split along the sequence (Hugging Face
+    # layers pass the hidden states to their attention by keyword): the planner never picks it.
+    sequence_parallel: bool = True

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 
 from trainplan.ir.base import Strict
-from trainplan.ir.spec import AllReduce, Compression, Recompute, Schedule, Spec, SyncMode
+from trainplan.ir.spec import AllReduce, CommSpec, Compression, Recompute, Schedule, Spec, SyncMode
 
 PLAN_VERSION = 1
 TPStyle = Literal["colwise", "rowwise", "vocab", "replicate"]
@@ -119,6 +119,10 @@ class Plan(Strict):
     allreduce: AllReduce
     sync: SyncMode
     compression: Compression
+    comm: CommSpec = Field(
+        default_factory=CommSpec,
+        description="Options of the all-reduce, consistency mode and compression (local_size resolved from the cluster).",
+    )
     tp_styles: dict[str, TPStyle] = Field(
         default_factory=dict, description="Tensor-parallel style per module path (empty when tp = 1)."
     )
@@ -153,7 +157,10 @@ class Plan(Strict):
 
 def spec_hash(spec: Spec) -> str:
     """sha256 of the spec's canonical JSON (sorted keys, no whitespace)."""
-    canonical = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    data = spec.model_dump(mode="json", by_alias=True)
+    if spec.parallel.comm == CommSpec():  # specs written before parallel.comm existed keep their hash
+        del data["parallel"]["comm"]
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

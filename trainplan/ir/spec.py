@@ -55,11 +55,13 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class HFModel(Strict):
-    arch: Literal["gpt2", "llama", "bert"] = Field(description="Hugging Face architecture family.")
+    arch: Literal["gpt2", "llama", "mistral", "qwen2", "bert", "t5", "vit"] = Field(
+        description="Hugging Face architecture family (t5: encoder-decoder on an lm task; vit: image classification)."
+    )
     config: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments of the transformers config class (GPT2Config, LlamaConfig, "
-        "BertConfig); nothing is downloaded.",
+        description="Keyword arguments of the transformers config class (GPT2Config, LlamaConfig, MistralConfig, "
+        "Qwen2Config, BertConfig, T5Config, ViTConfig); nothing is downloaded.",
     )
 
 

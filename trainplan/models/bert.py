@@ -58,6 +58,9 @@ class BertConfig(Strict):
             vocab=self.vocab,
             seq_len=self.seq_len,
             tied_embeddings=True,
+            # The MLM head's dense + LayerNorm sit in the sequence-parallel region without a
+            # tensor-parallel style; the runtime refuses that (docs/runtime.md), so never plan it.
+            sequence_parallel=False,
         )
 
 

@@ -130,11 +130,11 @@ def materialize(module: nn.Module, device: str | torch.device, seed: int, prefix
     """Allocate a meta-built ``module`` on ``device`` and initialise it; ties survive.
 
     Equals building the same module directly on ``device`` and calling :func:`init_parameters`.
-    Buffers other than BatchNorm statistics (e.g. the position ids and rotary frequencies of
-    Hugging Face models) have no rule to recompute them, so such modules are refused rather than
-    left holding uninitialised memory; build those directly on the device instead.
+    Buffers get the values their builder attached (:func:`set_buffer_values`; e.g. the rotary
+    frequencies of Hugging Face models) and BatchNorm statistics are reset; a module with any
+    other buffer is refused rather than left holding uninitialised memory.
     """
-    unknown = _unrestorable_buffers(module, prefix)
+    unknown = unrestorable_buffers(module, prefix)
     if unknown:
         raise TrainplanError(
             f"cannot materialise a meta-built module with buffers {', '.join(unknown)}: to_empty() "
@@ -144,13 +144,48 @@ def materialize(module: nn.Module, device: str | torch.device, seed: int, prefix
     module.to_empty(device=device)
     retie(module, aliases, prefix)
     init_parameters(module, seed, prefix)
+    restore_buffers(module)
     return module
 
 
-def _unrestorable_buffers(module: nn.Module, prefix: str) -> list[str]:
+BUFFER_VALUES = "_trainplan_buffer_values"
+
+
+def set_buffer_values(owner: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Record the values of ``owner``'s own buffers (local names), restored after ``to_empty``.
+
+    Stored on the owning sub-module itself, so every pipeline stage or wrapper that shares the
+    sub-module finds them. Buffers are small constants (rotary frequencies, position ids): a
+    model's builder computes them on the CPU without allocating its parameters.
+    """
+    setattr(owner, BUFFER_VALUES, dict(values))
+
+
+def buffer_values(owner: nn.Module) -> dict[str, torch.Tensor]:
+    """The recorded values of ``owner``'s own buffers (empty when none were recorded)."""
+    return getattr(owner, BUFFER_VALUES, {})
+
+
+def unrestorable_buffers(module: nn.Module, prefix: str = "") -> list[str]:
+    """Buffers of ``module`` that nothing can give values after ``to_empty``: not norm statistics, not recorded."""
     names = []
     for owner_name, owner in module.named_modules(prefix=prefix):
         if isinstance(owner, _NormBase):
             continue
-        names += [f"{owner_name}.{b}" if owner_name else b for b, _ in owner.named_buffers(recurse=False)]
+        known = buffer_values(owner)
+        names += [f"{owner_name}.{b}" if owner_name else b
+                  for b, _ in owner.named_buffers(recurse=False) if b not in known]
     return names
+
+
+@torch.no_grad()
+def restore_buffers(module: nn.Module) -> int:
+    """Copy the recorded values into every buffer that has one (after ``to_empty``); returns how many."""
+    count = 0
+    for owner in module.modules():
+        known = buffer_values(owner)
+        for name, buffer in owner.named_buffers(recurse=False):
+            if name in known and not buffer.is_meta:
+                buffer.copy_(known[name])
+                count += 1
+    return count

@@ -26,7 +26,7 @@ from trainplan.ir.spec import ModelSpec, TaskSpec
 from trainplan.models.bert import BertConfig, build_bert
 from trainplan.models.cnn import CNNConfig, build_cnn
 from trainplan.models.gpt import GPTConfig, build_gpt
-from trainplan.models.hf import build_hf, hf_facts
+from trainplan.models.hf import build_hf, hf_task
 from trainplan.models.imported import build_imported, explicit_task
 from trainplan.models.init import stable_seed
 from trainplan.models.llama import LlamaConfig, build_llama
@@ -79,8 +79,11 @@ def resolve_task(spec: ModelSpec, task: TaskSpec) -> TaskSpec:
     if spec.import_ is not None or spec.instance is not None:
         return explicit_task(task)
     if spec.hf is not None:
-        facts = hf_facts(spec.hf)
-        return _resolve_lm_task(_adopt_kind(task, "lm"), facts.vocab, facts.seq_len)
+        sizes = hf_task(spec.hf)
+        task = _adopt_kind(task, sizes.kind)
+        if sizes.kind == "lm":
+            return _resolve_lm_task(task, sizes.vocab or 0, sizes.seq_len or 0, limited=sizes.limited)
+        return _resolve_classification_task(task, sizes)
     cfg = catalogue_config(spec)
     kind = CATALOGUE[spec.catalogue or ""].task_kind
     task = _adopt_kind(task, kind)
@@ -106,7 +109,8 @@ def _kind_error(model_kind: str, task: TaskSpec) -> SpecError:
                        f"(remove task.kind or pick a model that consumes {task.kind!r} tasks)")])
 
 
-def _resolve_lm_task(task: TaskSpec, vocab: int, seq_len: int) -> TaskSpec:
+def _resolve_lm_task(task: TaskSpec, vocab: int, seq_len: int, *, limited: bool = True) -> TaskSpec:
+    """Fill vocab and seq_len; ``seq_len`` is the model's longest sequence, or only a default when not ``limited``."""
     if task.kind == "import":
         return task
     if task.kind != "lm":
@@ -114,7 +118,7 @@ def _resolve_lm_task(task: TaskSpec, vocab: int, seq_len: int) -> TaskSpec:
     problems = []
     if task.vocab is not None and task.vocab != vocab:
         problems.append(("task.vocab", f"the model's vocabulary is {vocab}, got {task.vocab}"))
-    if task.seq_len is not None and task.seq_len > seq_len:
+    if limited and task.seq_len is not None and task.seq_len > seq_len:
         problems.append(("task.seq_len", f"the model supports at most {seq_len} positions, got {task.seq_len}"))
     if problems:
         raise SpecError(problems)

@@ -101,6 +101,9 @@ def capture(
 ) -> Captured:
     """Trace ``built.module`` at batch 1 on meta tensors, in training mode (restored after)."""
     model = built.module
+    # A model may name sub-modules that must stay whole (e.g. a Hugging Face encoder-decoder that
+    # the runtime cannot cut into pipeline stages): they become single units.
+    leaf_modules = (*leaf_modules, *getattr(model, "keep_whole", {}))
     leaves = match_leaf_modules(model, leaf_modules)
     blocks = block_paths(model, leaves)
     repeated = repeated_blocks(model, blocks)

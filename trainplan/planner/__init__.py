@@ -23,6 +23,9 @@ def context_for(spec: Spec):  # noqa: ANN201 - evaluate.Context (imported lazily
         global_batch=spec.training.global_batch,
         tokens_per_sample=tokens,
         allreduce=spec.parallel.allreduce,
+        compression=spec.parallel.compression,
+        sync=spec.parallel.sync,
+        comm=spec.parallel.comm,
     )
 
 
@@ -44,9 +47,22 @@ def plan_from_graph(
     ctx = context_for(spec)
     result = search(model, spec.parallel, ctx, keep, progress=progress)
     if not result.ranked:
-        raise PlanningError(_no_plan_message(spec, result, what_would_fit))
+        raise PlanningError(_no_plan_message(spec, result, what_would_fit) + _model_limits(spec, model))
     plan = build_plan(spec, model, result, ctx, keep)
     return plan, time.perf_counter() - start
+
+
+def _model_limits(spec: Spec, model) -> str:  # noqa: ANN001
+    """Why this model restricts a fixed tp or pp (no tensor-parallel rule, too few pipeline units)."""
+    notes = []
+    tp, pp = spec.parallel.tp, spec.parallel.pp
+    if isinstance(tp, int) and tp > 1 and (model.facts is None or not model.facts.tensor_parallel):
+        why = "it declares no transformer layers" if model.facts is None else "its layers have no Megatron-style split"
+        notes.append(f"this model has no tensor-parallel rule ({why}), so tp stays 1")
+    if isinstance(pp, int) and pp > len(model.units):
+        names = ", ".join(u.name for u in model.units)
+        notes.append(f"this model has {len(model.units)} pipeline unit(s) ({names}), fewer than pp = {pp}")
+    return "".join(f"; {n}" for n in notes)
 
 
 def _no_plan_message(spec: Spec, result, advise) -> str:  # noqa: ANN001

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from trainplan.ir.plan import (
     Alternative,
     CommTime,
@@ -14,8 +16,8 @@ from trainplan.ir.plan import (
     StagePlan,
     spec_hash,
 )
-from trainplan.ir.spec import AUTO, Spec
-from trainplan.planner.evaluate import Context, Evaluation, StageCost
+from trainplan.ir.spec import AUTO, CommSpec, Spec
+from trainplan.planner.evaluate import Context, Evaluation, StageCost, allreduce_reason, hookable
 from trainplan.planner.explain import memory_reason, slower_reason
 from trainplan.planner.model_costs import ModelCosts
 from trainplan.planner.search import SearchResult
@@ -35,14 +37,54 @@ CATALOGUE_TP_STYLES = {
 }
 
 
+# The same styles for the Hugging Face families, by module path inside trainplan's wrapper
+# (trainplan.models.hf). GPT-2 (fused Conv1D q/k/v) and T5 have none: their facts keep tp = 1.
+_HF_ROTARY_TP_STYLES = {
+    "hf.model.embed_tokens": "vocab",
+    "hf.model.layers.*.self_attn.q_proj": "colwise",
+    "hf.model.layers.*.self_attn.k_proj": "colwise",
+    "hf.model.layers.*.self_attn.v_proj": "colwise",
+    "hf.model.layers.*.self_attn.o_proj": "rowwise",
+    "hf.model.layers.*.mlp.gate_proj": "colwise",
+    "hf.model.layers.*.mlp.up_proj": "colwise",
+    "hf.model.layers.*.mlp.down_proj": "rowwise",
+    "hf.lm_head": "colwise",
+}
+HF_TP_STYLES = {
+    "llama": _HF_ROTARY_TP_STYLES,
+    "mistral": _HF_ROTARY_TP_STYLES,
+    "qwen2": _HF_ROTARY_TP_STYLES,
+    "bert": {
+        "hf.bert.embeddings.word_embeddings": "vocab",
+        "hf.bert.encoder.layer.*.attention.self.query": "colwise",
+        "hf.bert.encoder.layer.*.attention.self.key": "colwise",
+        "hf.bert.encoder.layer.*.attention.self.value": "colwise",
+        "hf.bert.encoder.layer.*.attention.output.dense": "rowwise",
+        "hf.bert.encoder.layer.*.intermediate.dense": "colwise",
+        "hf.bert.encoder.layer.*.output.dense": "rowwise",
+        "hf.cls.predictions.decoder": "colwise",
+    },
+    "vit": {
+        "hf.vit.layers.*.attention.q_proj": "colwise",
+        "hf.vit.layers.*.attention.k_proj": "colwise",
+        "hf.vit.layers.*.attention.v_proj": "colwise",
+        "hf.vit.layers.*.attention.o_proj": "rowwise",
+        "hf.vit.layers.*.mlp.fc1": "colwise",
+        "hf.vit.layers.*.mlp.fc2": "rowwise",
+    },
+}
+
+
 def tp_styles(spec: Spec, model: ModelCosts, tp: int) -> dict[str, str]:
     if tp == 1:
         return {}
+    if spec.model.hf is not None:
+        return dict(HF_TP_STYLES.get(spec.model.hf.arch, {}))
     names = {m for u in model.units for m in u.modules}
     styles = dict(CATALOGUE_TP_STYLES)
     if model.facts is not None and not model.facts.gated_mlp:
         styles.pop("layers.*.mlp.gate")
-    if "lm_head" not in names and "head.lm_head" in names:  # bert's MLM head
+    if "lm_head" not in names and ("head.lm_head" in names or "head" in names):  # bert's MLM head (unit "head")
         styles["head.lm_head"] = styles.pop("lm_head")
     return styles
 
@@ -119,15 +161,26 @@ def _alternatives(result: SearchResult, limit: float, keep: int) -> list[Alterna
     ]
 
 
-def _notes(spec: Spec, ev: Evaluation) -> list[str]:
+def _notes(spec: Spec, ev: Evaluation, ctx: Context) -> list[str]:
     par, notes = spec.parallel, []
     if par.allreduce == AUTO and ev.layout.dp > 1:
-        notes.append(f"allreduce: {ev.allreduce} chosen by the alpha-beta model for the data-parallel gradients")
+        lay = ev.layout
+        nbytes = max(s.params for s in ev.stages) * ctx.grad_bytes
+        notes.append("allreduce: " + allreduce_reason(ctx, nbytes, lay.dp, lay.tp, ev.allreduce, hookable(lay)))
     if par.sync == AUTO:
         notes.append("sync: synchronous (async and local SGD change the training result; set parallel.sync to use them)")
     if par.compression == AUTO:
         notes.append("compression: none (lossy; set parallel.compression to trade accuracy for bandwidth)")
     return notes
+
+
+def _resolved_comm(spec: Spec, ev: Evaluation) -> CommSpec:
+    """The spec's comm options, with hierarchical all-reduce's ranks per node filled in: the members
+    of a (consecutive, tp = 1) dp group that share a node, ``gcd(dp, devices_per_node)``."""
+    comm = spec.parallel.comm
+    if ev.allreduce == "hierarchical" and comm.local_size is None:
+        return comm.model_copy(update={"local_size": math.gcd(ev.layout.dp, spec.cluster.devices_per_node)})
+    return comm
 
 
 def build_plan(spec: Spec, model: ModelCosts, result: SearchResult, ctx: Context, keep: int = 10) -> Plan:
@@ -149,11 +202,12 @@ def build_plan(spec: Spec, model: ModelCosts, result: SearchResult, ctx: Context
         allreduce=ev.allreduce if par.allreduce == AUTO else par.allreduce,
         sync="sync" if par.sync == AUTO else par.sync,
         compression="none" if par.compression == AUTO else par.compression,
+        comm=_resolved_comm(spec, ev),
         tp_styles=tp_styles(spec, model, lay.tp),
         stages=_stage_plans(ev, model, mesh),
         model=ModelSummary(params=int(model.params), flops_per_sample=model.flops_per_sample, layers=model.blocks),
         estimate=_estimate(ev, model, spec, ctx),
         alternatives=_alternatives(result, float(spec.cluster.device.memory), keep),
         search=SearchStats(candidates=result.candidates, evaluated=result.evaluated, feasible=result.feasible),
-        notes=_notes(spec, ev),
+        notes=_notes(spec, ev, ctx),
     )

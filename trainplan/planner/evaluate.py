@@ -12,10 +12,11 @@ plus the optimizer update (memory-bound: its bytes per parameter over the memory
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from trainplan.ir.cluster import Cluster
+from trainplan.ir.spec import CommSpec
 from trainplan.planner import cost
 from trainplan.planner.model_costs import ModelCosts, UnitCost
 from trainplan.planner.partition import Partition, partition, uniform_blocks
@@ -35,6 +36,9 @@ class Context:
     global_batch: int
     tokens_per_sample: int
     allreduce: str  # fixed algorithm or "auto"
+    compression: str = "none"  # fixed scheme ("auto" plans none)
+    sync: str = "sync"  # fixed mode ("auto" plans sync)
+    comm: CommSpec = field(default_factory=CommSpec)
 
     @property
     def dtype(self) -> str:
@@ -124,7 +128,13 @@ def _block(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float,
         tp_total += tp_f
     acts = cost.transformer_layer_activation_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, lay.recompute, eb)  # type: ignore[arg-type]
     transient = cost.recompute_transient_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, lay.recompute, eb)  # type: ignore[arg-type]
-    return fwd, bwd, tp_total, acts, transient, u.params / lay.tp
+    return fwd, bwd, tp_total, acts, transient, tp_local_params(u, lay.tp)
+
+
+def tp_local_params(u: UnitCost, tp: int) -> float:
+    """Parameters of ``u`` on one tensor-parallel rank: the sharded ones divided by ``tp``, the
+    replicated ones (norms, row-parallel biases, learned positions) whole."""
+    return (u.params - u.tp_replicated) / tp + u.tp_replicated
 
 
 def _edge(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float, float, float, float, float]:
@@ -135,14 +145,14 @@ def _edge(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float, 
     tp_s = cost.ring_allreduce_time_s(out_bytes, lay.tp, link) if lay.tp > 1 else 0.0
     if u.kind == "embedding":
         acts = cost.embedding_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel)
-        return tp_s, tp_s, 2 * tp_s, acts, 0.0, u.params / lay.tp
+        return tp_s, tp_s, 2 * tp_s, acts, 0.0, tp_local_params(u, lay.tp)
     f = cost.lm_head_flops(facts, mb, lay.tp)
     eff = cost.gemm_efficiency(dev, dt, mb * facts.seq_len, facts.vocab // lay.tp, facts.hidden, dev.memory_bandwidth)
     acts = cost.output_layer_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel, eb)
     # The final norm, the fp32 softmax and the cross-entropy stream these bytes: once forward, twice backward.
     elem = cost.memory_bound_time_s(acts, dev)
     fwd = cost.compute_time_s(f, dev, dt, eff)
-    return fwd + elem + tp_s, 2 * (fwd + elem) + tp_s, 2 * tp_s, acts, 0.0, u.params / lay.tp
+    return fwd + elem + tp_s, 2 * (fwd + elem) + tp_s, 2 * tp_s, acts, 0.0, tp_local_params(u, lay.tp)
 
 
 def _other(ctx: Context, u: UnitCost, lay: Layout) -> tuple[float, float, float, float, float, float]:
@@ -157,7 +167,7 @@ def unit_times(model: ModelCosts, lay: Layout, ctx: Context) -> UnitTimes:
     """Per-unit costs of one layout; identical units (repeated blocks) are costed once."""
     rows, seen = [], {}
     for u in model.units:
-        key = (u.kind, u.params, u.flops_fwd, u.flops_bwd, u.activation_bytes)
+        key = (u.kind, u.params, u.tp_replicated, u.flops_fwd, u.flops_bwd, u.activation_bytes)
         if key not in seen:
             if model.facts is not None and u.kind == "block":
                 seen[key] = _block(ctx, u, lay, model.facts)
@@ -329,13 +339,72 @@ def cost_uniform(lay: Layout, fwd: float, bwd: float) -> float:
     return uniform_step_time(lay.schedule, lay.pp, lay.num_microbatches, lay.virtual_stages, fwd, bwd)  # type: ignore[arg-type]
 
 
-def choose_allreduce(ctx: Context, nbytes: float, dp: int, stride: int) -> tuple[str, float]:
+def hookable(lay: Layout) -> bool:
+    """Whether the runtime can run our all-reduce algorithms and compression for ``lay``: they are
+    DDP communication hooks (ZeRO 0/1 without tensor parallelism; FSDP2 takes no hook)."""
+    return lay.zero in (0, 1) and lay.tp == 1
+
+
+def allreduce_options(ctx: Context, can_hook: bool) -> list[str]:
+    """Algorithms the planner may choose among (the fixed one, when the spec fixes it)."""
+    if ctx.allreduce != "auto":
+        return [ctx.allreduce]
+    if not can_hook or ctx.compression in ("topk", "powersgd") or ctx.sync in ("async", "local_sgd"):
+        return ["ring"]  # planned as the backend's own (native); top-k/PowerSGD exchange natively
+    return ["ring", "tree", "hierarchical"]
+
+
+def choose_allreduce(ctx: Context, nbytes: float, dp: int, stride: int, can_hook: bool = True) -> tuple[str, float]:
     """The fixed algorithm, or the fastest of native/ring/tree/hierarchical by the alpha-beta model."""
-    options = [ctx.allreduce] if ctx.allreduce != "auto" else ["ring", "tree", "hierarchical"]
+    options = allreduce_options(ctx, can_hook)
     # Ties go to the simpler algorithm (the order above): hierarchical equals ring inside a node.
     best = min(options, key=lambda a: (cost.dp_allreduce_time_s(ctx.cluster, nbytes, dp, stride, a), options.index(a)))  # type: ignore[arg-type]
     chosen = best if ctx.allreduce != "auto" or best != "ring" else "native"
     return chosen, cost.dp_allreduce_time_s(ctx.cluster, nbytes, dp, stride, best)  # type: ignore[arg-type]
+
+
+def allreduce_reason(ctx: Context, nbytes: float, dp: int, stride: int, chosen: str, can_hook: bool = True) -> str:
+    """Why ``chosen``: the message size, whether the ring is latency- or bandwidth-bound there
+    (its ``2(n-1)·α`` against ``2(n-1)/n·S/B``, Patarasuk & Yuan 2009), and every option's time."""
+    link = cost.group_link(ctx.cluster, dp, stride)
+    latency = 2 * (dp - 1) * link.latency
+    bandwidth = 2 * (dp - 1) / dp * nbytes / link.bandwidth
+    bound = "latency-bound" if latency > bandwidth else "bandwidth-bound"
+    options = allreduce_options(ctx, can_hook)
+    times = ", ".join(f"{a} {cost.dp_allreduce_time_s(ctx.cluster, nbytes, dp, stride, a) * 1e6:,.1f} us"  # type: ignore[arg-type]
+                      for a in options)
+    name = "native (the backend's ring)" if chosen == "native" else chosen
+    why = "" if len(options) > 1 else (" (the only option: ZeRO 2/3 and tensor parallelism reduce through FSDP2, "
+                                        "which takes no hook)" if not can_hook else " (the only option with this "
+                                        "compression / sync mode)")
+    return f"{name}: {_size(nbytes)} of gradients per step over {dp} ranks are {bound}; alpha-beta: {times}{why}"
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def dp_gradient_time(ctx: Context, params: float, lay: Layout, algo: str) -> float:
+    """One step's gradient exchange of ``params`` elements: the plan's all-reduce, with compression
+    (compressed bytes plus the compute to compress, :func:`cost.compressed_dp_time_s`,
+    :func:`cost.compression_compute_time_s`); local SGD exchanges parameters every H steps instead."""
+    algo = "ring" if algo == "native" else algo
+    comm = ctx.comm
+    if ctx.compression in ("none", "auto") or algo == "ps":
+        seconds = cost.dp_allreduce_time_s(ctx.cluster, params * ctx.grad_bytes, lay.dp, lay.tp, algo,  # type: ignore[arg-type]
+                                           ps_servers=comm.ps_servers)
+    else:
+        dev = ctx.cluster.device
+        seconds = cost.compressed_dp_time_s(ctx.cluster, params, lay.dp, lay.tp, algo, ctx.compression,  # type: ignore[arg-type]
+                                            dtype_bytes=ctx.grad_bytes, topk_ratio=comm.topk_ratio,
+                                            powersgd_rank=comm.powersgd_rank)
+        seconds += cost.compression_compute_time_s(params, ctx.compression, dtype_bytes=ctx.grad_bytes,  # type: ignore[arg-type]
+                                                   memory_bandwidth=dev.memory_bandwidth,
+                                                   peak_flops=dev.peak(ctx.dtype), powersgd_rank=comm.powersgd_rank)
+    return seconds / comm.local_sgd_period if ctx.sync == "local_sgd" else seconds
 
 
 def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[float, str, bool]:
@@ -350,12 +419,12 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[floa
         return 0.0, "native", False
     crosses = not cost.group_fits_in_node(ctx.cluster.devices_per_node, lay.dp, lay.tp) and ctx.cluster.nodes > 1
     largest = max(s.params for s in stages)
-    algo, _ = choose_allreduce(ctx, largest * ctx.grad_bytes, lay.dp, lay.tp)
+    algo, _ = choose_allreduce(ctx, largest * ctx.grad_bytes, lay.dp, lay.tp, hookable(lay))
     link = cost.group_link(ctx.cluster, lay.dp, lay.tp)
     worst = 0.0
     for params, fwd, bwd in {(s.params, s.fwd, s.bwd) for s in stages}:  # identical middle stages once
         grad = params * ctx.grad_bytes
-        ar = cost.dp_allreduce_time_s(ctx.cluster, grad, lay.dp, lay.tp, "ring" if algo == "native" else algo)  # type: ignore[arg-type]
+        ar = dp_gradient_time(ctx, params, lay, algo)
         exposed = cost.dp_overlap_exposed_time(ar, bwd, DDP_BUCKET_BYTES, grad)
         if lay.zero == 3:
             gather = 2 * lay.num_microbatches * cost.all_gather_time_s(params * ctx.element_bytes, lay.dp, link)

@@ -28,6 +28,7 @@ class UnitCost:
     flops_bwd: float
     activation_bytes: float  # saved for backward, per sample, in the compute dtype
     output_bytes: float  # crosses a cut right after this unit, per sample
+    tp_replicated: float = 0.0  # of ``params``, those tensor parallelism leaves whole on every rank (norms, row-parallel biases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +83,11 @@ def model_costs_from_facts(facts: TransformerFacts, element_bytes: int = 2) -> M
 def model_costs_from_graph(graph: OpGraph) -> ModelCosts:
     """The unit chain of a traced graph (per-sample costs as measured by the front end)."""
     index = {u.name: i for i, u in enumerate(graph.units)}
+    replicated = tp_replicated_params(graph) if graph.facts is not None else [0] * len(graph.units)
     units = tuple(
-        UnitCost(u.name, u.kind, u.modules, float(u.params), u.flops_fwd, u.flops_bwd, float(u.activation_bytes), float(u.output_bytes))
-        for u in graph.units
+        UnitCost(u.name, u.kind, u.modules, float(u.params), u.flops_fwd, u.flops_bwd, float(u.activation_bytes),
+                 float(u.output_bytes), float(r))
+        for u, r in zip(graph.units, replicated)
     )
     shared = []
     for names, holders in zip(graph.tied, graph.tied_units):
@@ -100,3 +103,42 @@ def _param_count(graph: OpGraph, names: tuple[str, ...]) -> int:
         if node.params and any(n in node.param_names for n in names):
             return node.params
     return 0
+
+
+def tp_sharded(name: str, styles: dict[str, str]) -> bool:
+    """Whether tensor parallelism shards parameter ``name`` under ``styles`` (module patterns, one glob per
+    dotted atom, as ``parallelize_module`` matches them): column-parallel weights and biases, row-parallel
+    and vocabulary-parallel weights; a row-parallel layer's bias is added after the reduction, so it
+    is replicated, as is every parameter of an unlisted module (Shoeybi et al. 2019, Sec. 3)."""
+    from fnmatch import fnmatch
+
+    module, _, leaf = name.rpartition(".")
+    atoms = module.split(".")
+    for pattern, style in styles.items():
+        parts = pattern.split(".")
+        if len(parts) == len(atoms) and all(fnmatch(a, p) for a, p in zip(atoms, parts)):
+            return style in ("colwise", "vocab") or (style == "rowwise" and leaf != "bias")
+    return False
+
+
+def tp_replicated_params(graph: OpGraph) -> list[int]:
+    """Per unit, the elements of the parameters it owns (first reads) that the catalogue's
+    tensor-parallel styles leave whole on every rank."""
+    from trainplan.planner.build_plan import CATALOGUE_TP_STYLES  # the styles the plan will carry
+
+    styles = dict(CATALOGUE_TP_STYLES)
+    if any(m == "head.lm_head" for u in graph.units for m in u.modules):  # bert's MLM head (build_plan.tp_styles)
+        styles["head.lm_head"] = styles.pop("lm_head")
+    numel = {p.name: p.numel for p in graph.parameters}
+    seen: set[str] = set()
+    out = []
+    for unit in graph.units:
+        count = 0
+        for node in graph.nodes[unit.first:unit.stop]:
+            for name in node.param_names:
+                if name in seen or name not in numel:
+                    continue
+                seen.add(name)
+                count += 0 if tp_sharded(name, styles) else numel[name]
+        out.append(count)
+    return out

@@ -44,6 +44,16 @@ def _rate(flops_per_s: float) -> str:
     return f"{flops_per_s:.0f} FLOP/s"
 
 
+def _comm(plan: Plan) -> str:
+    """The comm options that matter for the plan's choices, e.g. `` (topk_ratio=0.1)``; empty when none do."""
+    used = {"topk_ratio": plan.compression == "topk", "powersgd_rank": plan.compression == "powersgd",
+            "local_size": plan.allreduce == "hierarchical", "ps_servers": plan.allreduce == "ps",
+            "staleness": plan.sync == "async", "local_sgd_period": plan.sync == "local_sgd",
+            "local_sgd_warmup": plan.sync == "local_sgd"}
+    shown = [f"{k}={getattr(plan.comm, k)}" for k, on in used.items() if on and getattr(plan.comm, k) is not None]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 def headline(plan: Plan) -> list[tuple[str, str]]:
     """(label, value) pairs shared by the text and Markdown reports."""
     est, cluster = plan.estimate, plan.spec.cluster
@@ -52,7 +62,7 @@ def headline(plan: Plan) -> list[tuple[str, str]]:
         ("model", f"{plan.spec.name}: {format_count(plan.model.params)} parameters"),
         ("cluster", f"{cluster.nodes} x {cluster.devices_per_node} {cluster.device.name} ({cluster.world_size} devices)"),
         ("layout", layout_line(plan)),
-        ("collectives", f"allreduce={plan.allreduce} sync={plan.sync} compression={plan.compression}"),
+        ("collectives", f"allreduce={plan.allreduce} sync={plan.sync} compression={plan.compression}{_comm(plan)}"),
         ("step time", _duration(est.step_time_s)),
         ("throughput", f"{est.samples_per_s:,.1f} samples/s, {est.tokens_per_s:,.0f} tokens/s"),
         ("per device", f"{_rate(est.tflops_per_device * 1e12)}, MFU {est.mfu * 100:.1f}%"),

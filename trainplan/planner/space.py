@@ -48,7 +48,7 @@ def _allowed(fixed: object, options: list) -> list:
 
 def tp_degrees(world: int, facts: TransformerFacts | None) -> list[int]:
     """TP degrees that shard every layer evenly: heads, KV heads and the MLP must divide (Megatron-LM)."""
-    if facts is None:
+    if facts is None or not facts.tensor_parallel:
         return [1]
     return [
         t
@@ -69,6 +69,25 @@ def schedules(pp: int, blocks: int, m: int, fixed: object = AUTO) -> list[tuple[
     if m % pp == 0 and blocks % pp == 0:
         out += [("interleaved", v) for v in divisors(blocks // pp) if v > 1]
     return out
+
+
+def _sequence_parallel(tp: int, facts: TransformerFacts | None) -> list[bool]:
+    """Sequence parallelism needs tp > 1 and a model whose layers the runtime can split by sequence."""
+    return [False, True] if tp > 1 and (facts is None or facts.sequence_parallel) else [False]
+
+
+def runtime_runs_comm(parallel: ParallelSpec, tp: int, pp: int, dp: int, zero: int) -> bool:
+    """Whether the runtime executes the spec's fixed all-reduce, compression and sync mode on this
+    layout (trainplan.runtime.data_parallel.check_data_parallel): our algorithms and compression are
+    DDP hooks (ZeRO 0/1, tp = 1); the parameter server and local SGD/async run plain data
+    parallelism (tp = pp = 1, ZeRO 0), uncompressed."""
+    if dp == 1:
+        return True
+    own = parallel.allreduce == "ps" or parallel.sync in ("async", "local_sgd")
+    if own:
+        return tp == 1 and pp == 1 and zero == 0 and parallel.compression in (AUTO, "none")
+    hooked = parallel.allreduce in ("ring", "tree", "hierarchical") or parallel.compression not in (AUTO, "none")
+    return not hooked or (tp == 1 and zero in (0, 1))
 
 
 def _zero_stages(tp: int) -> list[int]:
@@ -100,6 +119,8 @@ def layouts(
                     if parallel.schedule not in (AUTO, sched) or parallel.virtual_stages not in (AUTO, v):
                         continue
                     for zero in _allowed(parallel.zero, _zero_stages(tp)):
+                        if not runtime_runs_comm(parallel, tp, pp, dp, zero):
+                            continue
                         for rc in _allowed(parallel.recompute, recomputes):
-                            for sp in _allowed(parallel.sequence_parallel, [False, True] if tp > 1 else [False]):
+                            for sp in _allowed(parallel.sequence_parallel, _sequence_parallel(tp, facts)):
                                 yield Layout(tp, pp, dp, mb, m, sched, v, zero, rc, sp)

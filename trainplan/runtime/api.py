@@ -29,6 +29,7 @@ from trainplan.ir.spec import TaskSpec
 from trainplan.models import resolve_task
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import build_mesh, check_world_size
+from trainplan.runtime.data_parallel import own_exchange
 from trainplan.runtime.parallelize import build_rank_model, check_layout, check_structure
 from trainplan.runtime.train import Trainer
 
@@ -126,6 +127,10 @@ def parallelize(model: nn.Module, plan: Plan, *, task: TaskSpec | None = None,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> ParallelModel:
     """:func:`auto_parallelize` without the example-input check (the planner already traced the model)."""
     check_layout(plan)
+    if own_exchange(plan):
+        raise PlanExecutionError(f"allreduce: {plan.allreduce} with sync: {plan.sync} (local SGD / parameter server) runs "
+                                 "only under `trainplan run` / `launch`, not in a parallelized model's step(); "
+                                 "plan sync: sync with a native, ring, tree or hierarchical all-reduce")
     if plan.mesh.pp > 1 or plan.mesh.tp > 1:
         check_structure(plan, model, task or _task(plan))
     _process_group(plan)

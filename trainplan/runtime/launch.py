@@ -13,13 +13,14 @@ in the returned error text, on stderr and in ``D/error.txt``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
@@ -28,11 +29,15 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from trainplan.ir.loading import dump_yaml
 from trainplan.ir.plan import Plan
+from trainplan.runtime.checkpoint import CheckpointOptions, check_checkpoint_dir, worker_args
+from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import check_world_size
 from trainplan.runtime.parallelize import check_plan
 from trainplan.runtime.train import run_reference
 
 __all__ = ["launch", "launch_sweep", "run_reference", "failure_summary"]
+
+SHARE_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def default_threads(nproc: int) -> int:
@@ -41,12 +46,12 @@ def default_threads(nproc: int) -> int:
     return max(1, cores // nproc)
 
 
-def _prepare(out: Path, plan: Plan) -> Path:
-    """A clean output folder holding the plan the workers read."""
+def _prepare(out: Path, plan: Plan, resume: bool = False) -> Path:
+    """A clean output folder holding the plan the workers read (a resumed run keeps its metrics)."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("failures", "logs", "params"):
         shutil.rmtree(out / stale, ignore_errors=True)
-    for stale in ("metrics.jsonl", "summary.json", "error.txt"):
+    for stale in ("summary.json", "error.txt") + (() if resume else ("metrics.jsonl", "faults.jsonl", "resumes.jsonl")):
         (out / stale).unlink(missing_ok=True)
     path = out / "plan.yaml"
     path.write_text(dump_yaml(plan))
@@ -54,20 +59,39 @@ def _prepare(out: Path, plan: Plan) -> Path:
 
 
 def launch(plan: Plan, *, nproc: int, out_dir: str | Path, steps: int | None = None,
-           save_params: bool = False, threads: int | None = None) -> int:
+           save_params: bool = False, threads: int | None = None, checkpoint: CheckpointOptions | None = None,
+           max_restarts: int = 0, straggler: tuple[int, float] | None = None) -> int:
     """Run ``plan`` with ``nproc`` local workers; 0 when every worker succeeded, 1 otherwise.
 
     Refuses (:class:`~trainplan.runtime.errors.WorldSizeError`) a plan whose mesh needs another
     number of processes, and a layout the runtime cannot execute, before starting anything.
     ``out_dir`` receives ``plan.yaml``, ``metrics.jsonl``, ``summary.json``, ``logs/`` and, on
     failure, ``error.txt``; ``save_params`` also writes the final parameters to ``params/``.
+    ``checkpoint`` saves / resumes checkpoints (:mod:`~trainplan.runtime.checkpoint`); the resume
+    folder is checked here, before any worker starts. ``max_restarts`` > 0 restarts the whole group
+    up to that many times after a worker fails; a restarted group resumes from the newest checkpoint.
     """
+    if checkpoint is not None:
+        check_checkpoint_dir(checkpoint, plan)
     return launch_sweep([plan], nproc=nproc, out_dirs=[out_dir], run_dir=out_dir, steps=steps,
-                        save_params=save_params, threads=threads)
+                        save_params=save_params, threads=threads, max_restarts=max_restarts,
+                        worker_args=[*(worker_args(checkpoint) if checkpoint else ()), *straggler_args(straggler, nproc)],
+                        resume=bool(checkpoint and checkpoint.resume))
+
+
+def straggler_args(straggler: tuple[int, float] | None, nproc: int) -> list[str]:
+    """Worker arguments of the straggler experiment: delay one rank by some seconds every step."""
+    if straggler is None:
+        return []
+    rank, seconds = straggler
+    if not 0 <= rank < nproc:
+        raise PlanExecutionError(f"--straggler {rank}:{seconds:g}: rank {rank} does not exist among {nproc} processes")
+    return ["--straggler", f"{rank}:{seconds!r}"]
 
 
 def launch_sweep(plans: Sequence[Plan], *, nproc: int, out_dirs: Sequence[str | Path], run_dir: str | Path,
-                 steps: int | None = None, save_params: bool = False, threads: int | None = None) -> int:
+                 steps: int | None = None, save_params: bool = False, threads: int | None = None,
+                 max_restarts: int = 0, worker_args: Sequence[str] = (), resume: bool = False) -> int:
     """Run several plans for the same world size one after the other in one set of workers.
 
     Each plan writes its results to its ``out_dirs`` entry; the workers' logs, failure records and
@@ -83,25 +107,48 @@ def launch_sweep(plans: Sequence[Plan], *, nproc: int, out_dirs: Sequence[str | 
     outs = [Path(d).resolve() for d in out_dirs]
     args = ["-m", "trainplan.runtime.worker", "--run-dir", str(run), "--threads", str(threads or default_threads(nproc))]
     for plan, out in zip(plans, outs):
-        args += ["--plan", str(_prepare(out, plan)), "--out", str(out)]
+        args += ["--plan", str(_prepare(out, plan, resume)), "--out", str(out)]
     _prepare_run_dir(run)
     if steps is not None:
         args += ["--steps", str(steps)]
     if save_params:
         args.append("--save-params")
+    args += list(worker_args)
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"trainplan-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts, monitor_interval=0.1,
         logs_specs=DefaultLogsSpecs(log_dir=str(run / "logs"), redirects=Std.ALL, tee={0: Std.OUT}),
     )
     try:
-        elastic_launch(config, sys.executable)(*args)
+        with _restart_env(max_restarts):
+            elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as exc:
         message = failure_summary(run, {rank: f.exitcode for rank, f in exc.failures.items()}, nproc)
         (run / "error.txt").write_text(message + "\n")
         print(message, file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _restart_env(max_restarts: int) -> Iterator[None]:
+    """With restarts, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for the agent and its workers.
+
+    Without it a restarted gloo group reuses the previous attempt's addresses and often fails to
+    form (5 of 14 recovered vs 10 of 10 with it; TORCH-NOTES).
+    """
+    if max_restarts == 0:
+        yield
+        return
+    old = os.environ.get(SHARE_STORE_ENV)
+    os.environ[SHARE_STORE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(SHARE_STORE_ENV, None)
+        else:
+            os.environ[SHARE_STORE_ENV] = old
 
 
 def _prepare_run_dir(run: Path) -> None:

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from trainplan.ir.spec import Spec
 from trainplan.models import BuiltModel, build_model, tied_names
-from trainplan.models.init import init_values
+from trainplan.models.init import init_values, restore_buffers, unrestorable_buffers
 from trainplan.runtime.errors import PlanExecutionError
 
 
@@ -88,17 +88,20 @@ def retie_local(module: nn.Module, aliases: dict[str, str]) -> int:
 
 
 def check_buffers(module: nn.Module) -> None:
-    """Refuse modules with buffers that no rule can recompute after ``to_empty`` (only norm statistics can)."""
-    for owner_name, owner in module.named_modules():
-        if isinstance(owner, _NormBase):
-            continue
-        names = [f"{owner_name}.{b}" if owner_name else b for b, _ in owner.named_buffers(recurse=False)]
-        if names:
-            raise PlanExecutionError(
-                f"the runtime builds models on the meta device and cannot restore the buffers {', '.join(names)} "
-                "after allocating them; use a model whose constant tensors are computed in forward "
-                "(like the catalogue's llama rotary angles) rather than stored as buffers"
-            )
+    """Refuse modules with buffers that nothing can restore after ``to_empty``.
+
+    Norm statistics are reset; buffers whose values the model's builder recorded
+    (:func:`trainplan.models.init.set_buffer_values`, e.g. Hugging Face rotary frequencies and
+    position ids) are copied back; any other buffer would hold uninitialised memory.
+    """
+    names = unrestorable_buffers(module)
+    if names:
+        raise PlanExecutionError(
+            f"the runtime builds models on the meta device and cannot restore the buffers {', '.join(names)} "
+            "after allocating them; use a model whose constant tensors are computed in forward "
+            "(like the catalogue's llama rotary angles) or record their values with "
+            "trainplan.models.init.set_buffer_values"
+        )
 
 
 @torch.no_grad()
@@ -121,6 +124,7 @@ def materialize_local(
         full = init_values(aliases.get(name, name), tuple(param.shape), seed)
         _local_tensor(param).copy_(local_shard(full, param))
     for module in modules:
+        restore_buffers(module)
         for sub in module.modules():
             if isinstance(sub, _NormBase) and sub.track_running_stats:
                 sub.reset_running_stats()

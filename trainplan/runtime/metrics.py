@@ -29,6 +29,9 @@ class StepMetrics:
     step_time_s: float
     tokens_per_s: float
     max_memory_bytes: int
+    wire_bytes: int | None = None  # data-parallel bytes sent by all ranks in the step (our hooks / modes)
+    staleness_max: float | None = None  # parameter server: pushes applied between a worker's pull and its push
+    staleness_mean: float | None = None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -62,17 +65,20 @@ def measured_step_time(times: list[float]) -> float:
 class MetricsWriter:
     """Appends step metrics to ``out_dir/metrics.jsonl``, prints progress and writes the summary."""
 
-    def __init__(self, out_dir: Path, total_steps: int, stream: TextIO | None = None) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, stream: TextIO | None = None, *, first_step: int = 0) -> None:
+        """``first_step`` > 0 (a resumed run): keep the lines of the earlier steps, drop later ones."""
         out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
-        self.steps: list[StepMetrics] = []
+        self.steps: list[StepMetrics] = _earlier_steps(out_dir / "metrics.jsonl", first_step)
         self._file = (out_dir / "metrics.jsonl").open("w")
+        for kept in self.steps:
+            self._file.write(json.dumps({k: v for k, v in asdict(kept).items() if v is not None}) + "\n")
 
     def record(self, metrics: StepMetrics) -> None:
         self.steps.append(metrics)
-        self._file.write(json.dumps(asdict(metrics)) + "\n")
+        self._file.write(json.dumps({k: v for k, v in asdict(metrics).items() if v is not None}) + "\n")
         self._file.flush()
         print(
             f"step {metrics.step + 1}/{self.total_steps}  loss {metrics.loss:.4f}  "
@@ -81,8 +87,12 @@ class MetricsWriter:
             flush=True,
         )
 
-    def summary(self, *, layout: str, estimated_step_time_s: float | None, world_size: int) -> dict[str, Any]:
-        """Write and return ``summary.json``; ``ratio`` = measured / estimated step time (None without an estimate)."""
+    def summary(self, *, layout: str, estimated_step_time_s: float | None, world_size: int,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write and return ``summary.json``; ``ratio`` = measured / estimated step time (None without an estimate).
+
+        ``extra``: further sections (``memory`` and ``time`` from :mod:`trainplan.runtime.measure`).
+        """
         times = [m.step_time_s for m in self.steps]
         measured = measured_step_time(times)
         ratio = measured / estimated_step_time_s if estimated_step_time_s else None
@@ -96,6 +106,7 @@ class MetricsWriter:
             "measured_over_estimated": ratio,
             "tokens_per_s": statistics.median(m.tokens_per_s for m in self.steps[1:] or self.steps),
             "max_memory_bytes": max(m.max_memory_bytes for m in self.steps),
+            **(extra or {}),
         }
         (self.out_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
         return data
@@ -104,9 +115,26 @@ class MetricsWriter:
         self._file.close()
 
 
+def _earlier_steps(path: Path, first_step: int) -> list[StepMetrics]:
+    """The recorded steps before ``first_step`` (those a resumed run does not repeat)."""
+    if first_step <= 0 or not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = StepMetrics(**json.loads(line))
+        except (ValueError, TypeError):
+            continue  # a line cut short by the fault
+        if record.step < first_step:
+            kept.append(record)
+    return kept
+
+
 def layout_text(plan: Any) -> str:
     """The plan's layout in one line, e.g. ``dp=2 tp=2 pp=1 mb=2x2 gpipe zero=3 recompute=none fp32``."""
-    allreduce = "" if plan.allreduce == "native" else f" allreduce={plan.allreduce} (executed as native)"
+    allreduce = "" if plan.allreduce == "native" else f" allreduce={plan.allreduce}"
+    allreduce += "" if plan.sync == "sync" else f" sync={plan.sync}"
+    allreduce += "" if plan.compression == "none" else f" compression={plan.compression}"
     return (
         f"dp={plan.mesh.dp} tp={plan.mesh.tp} pp={plan.mesh.pp} mb={plan.micro_batch}x{plan.num_microbatches} "
         f"{plan.schedule}{f' v={plan.virtual_stages}' if plan.virtual_stages > 1 else ''} zero={plan.zero} "

@@ -24,7 +24,13 @@ from torch import nn
 from trainplan.ir.plan import Plan
 from trainplan.ir.spec import TaskSpec
 from trainplan.models import resolve_task
-from trainplan.runtime.data_parallel import check_data_parallel, make_optimizer, shard_before_materialize, wrap_after_materialize
+from trainplan.runtime.data_parallel import (
+    DataParallelComm,
+    check_data_parallel,
+    make_optimizer,
+    shard_before_materialize,
+    wrap_stages,
+)
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.materialize import build_meta_model, check_buffers, materialize_local, model_aliases, retie_local
 from trainplan.runtime.mesh import RankMesh
@@ -46,6 +52,7 @@ class RankModel:
     task: TaskSpec
     loss_parallel: bool
     tied: TiedSync
+    comm: DataParallelComm | None = None  # data-parallel hooks and their wire bytes
 
     def parameters(self) -> list[nn.Parameter]:
         """Every local parameter once."""
@@ -139,6 +146,6 @@ def build_rank_model(plan: Plan, mesh: RankMesh, model: nn.Module | None = None,
     if on_meta:
         materialize_local(list(local.values()), device=mesh.device, seed=plan.spec.training.seed, aliases=aliases)
     tied = tied_sync(tied_pairs(aliases, stage_names), mesh, local, plan.collective_timeout_s)
-    wrapped = {i: wrap_after_materialize(m, plan.zero, mesh) for i, m in local.items()}
+    wrapped, comm = wrap_stages(local, plan, mesh)
     optimizer = make_optimizer(unique_parameters(local.values()), plan.spec.training, plan.zero, mesh)
-    return RankModel(wrapped, local, optimizer, task, uses_loss_parallel(model, styles, task), tied)
+    return RankModel(wrapped, local, optimizer, task, uses_loss_parallel(model, styles, task), tied, comm)

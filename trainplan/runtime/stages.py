@@ -122,9 +122,18 @@ def _stage_graph(graph: fx.Graph, assignment: dict[fx.Node, int], index: int, in
     return new
 
 
+def check_kept_whole(model: nn.Module, stages: Sequence[Sequence[str]]) -> None:
+    """A module the model declares indivisible (``model.keep_whole``: path -> reason) must sit in one stage."""
+    for path, reason in getattr(model, "keep_whole", {}).items():
+        holders = {i for i, prefixes in enumerate(stages) for p in prefixes if under(p, path) or under(path, p)}
+        if len(holders) > 1:
+            raise PlanExecutionError(f"pipeline stages: {path!r} cannot be cut into stages {sorted(holders)}: {reason}")
+
+
 def split_stages(model: nn.Module, stages: Sequence[Sequence[str]]) -> list[fx.GraphModule]:
     """One GraphModule per stage (``len(stages)`` of them), sharing the model's submodules."""
     check_stage_modules(model, stages)
+    check_kept_whole(model, stages)
     graph = trace(model, stages)
     assignment = assign_stages(graph, stages)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]

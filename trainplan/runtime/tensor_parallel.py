@@ -111,6 +111,11 @@ def parallel_plan(
     model: nn.Module, styles: dict[str, TPStyle], task: TaskSpec, *, sequence_parallel: bool, blocks: list[str]
 ) -> dict[str, ParallelStyle]:
     """The ``parallelize_module`` plan of the whole model (paths of the whole model)."""
+    if sequence_parallel and not getattr(model, "supports_sequence_parallel", True):
+        raise PlanExecutionError(
+            f"sequence_parallel: {type(model).__name__} does not support it (its layers pass the hidden states to "
+            "their attention by keyword, which the sequence gather cannot see); set sequence_parallel: false"
+        )
     plan: dict[str, ParallelStyle] = {}
     for path, style in styles.items():
         module = model.get_submodule(path)

@@ -21,8 +21,10 @@ from trainplan.ir.plan import Plan
 from trainplan.ir.spec import Spec
 from trainplan.models import loss_fn as task_loss_fn
 from trainplan.models import synthetic_batch
+from trainplan.runtime.checkpoint import Checkpointer, CheckpointOptions, fault_from_env, inject_fault
 from trainplan.runtime.data import microbatches, replica_batch, shard_of, tokens_per_sample
-from trainplan.runtime.data_parallel import gradient_sync, make_optimizer
+from trainplan.runtime.data_parallel import gradient_sync, make_optimizer, own_exchange, straggle
+from trainplan.runtime.measure import Meter, finish
 from trainplan.runtime.materialize import build_meta_model, materialize_local, model_aliases
 from trainplan.runtime.mesh import RankMesh
 from trainplan.runtime.metrics import MetricsWriter, StepMetrics, layout_text, peak_memory_bytes, reset_peak_memory
@@ -69,6 +71,7 @@ def _pipeline_step(plan: Plan, rank_model: RankModel, mesh: RankMesh, loss_fn: L
         losses = runner.step(torch.cat(inputs), torch.cat(targets))
         return [as_float(loss.detach()) / scaler.scale for loss in losses]
 
+    step.runner = runner  # type: ignore[attr-defined]  # for trainplan.runtime.measure
     return step
 
 
@@ -115,10 +118,18 @@ class Trainer:
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Train on this replica's rows (``micro_batch x num_microbatches``); the global mean loss."""
-        inputs, targets = inputs.to(self.mesh.device), targets.to(self.mesh.device)
-        micro_losses = self._micro(microbatches(inputs, self.shard), microbatches(targets, self.shard))
+        micro_losses = self.micro_losses(inputs, targets)
         self._optimizer_step()
         return global_mean_loss(micro_losses, self.plan, self.mesh)
+
+    def micro_losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        """Forward and backward over this replica's rows, no update; each micro-batch's loss."""
+        inputs, targets = inputs.to(self.mesh.device), targets.to(self.mesh.device)
+        return self._micro(microbatches(inputs, self.shard), microbatches(targets, self.shard))
+
+    def optimizer_step(self) -> None:
+        """The update after :meth:`micro_losses` (local SGD and the parameter server call it themselves)."""
+        self._optimizer_step()
 
     def _optimizer_step(self) -> None:
         """Sum tied gradients, unscale/check (fp16), step unless any rank overflowed, clear gradients."""
@@ -131,28 +142,49 @@ class Trainer:
         rank_model.optimizer.zero_grad(set_to_none=True)
 
 
-def train(plan: Plan, mesh: RankMesh, out_dir: Path, *, steps: int | None = None, save_params: bool = False) -> None:
-    """Run ``steps`` (default: the spec's) training steps of ``plan`` on this rank; rank 0 writes metrics."""
+def train(plan: Plan, mesh: RankMesh, out_dir: Path, *, steps: int | None = None, save_params: bool = False,
+          checkpoint: CheckpointOptions | None = None, straggler: tuple[int, float] | None = None) -> None:
+    """Run ``steps`` (default: the spec's) training steps of ``plan`` on this rank; rank 0 writes metrics.
+
+    With ``checkpoint``: resume from / save checkpoints (:mod:`~trainplan.runtime.checkpoint`).
+    """
     steps = steps or plan.spec.training.steps
+    if own_exchange(plan):  # local SGD, parameter server: their own loop (``straggler`` delays a rank per step)
+        from trainplan.runtime.sync_modes import train_replicas
+        return train_replicas(plan, mesh, out_dir, steps=steps, save_params=save_params, straggler=straggler,
+                              checkpoint=checkpoint is not None)
     reset_peak_memory(mesh.device)
     seed_random_ops(plan.spec.training.seed, mesh)
     trainer = Trainer(plan, mesh, build_rank_model(plan, mesh))
+    meter = Meter(trainer)  # measured memory and time next to the plan's estimates
     task, training = trainer.rank_model.task, plan.spec.training
-    writer = MetricsWriter(out_dir, steps) if mesh.rank == 0 else None
+    ckpt = Checkpointer.of(checkpoint, plan, mesh, trainer, out_dir) if checkpoint else None
+    first, fault = (ckpt.restore() if ckpt else 0), fault_from_env()
+    writer = MetricsWriter(out_dir, steps, first_step=first) if mesh.rank == 0 else None
     tokens = training.global_batch * tokens_per_sample(task)
-    for step in range(steps):
+    for step in range(first, steps):
+        inject_fault(fault, mesh.rank, step, out_dir)
         start = time.perf_counter()
         inputs, targets = replica_batch(task, training.global_batch, training.seed, step, trainer.shard)
+        straggle(straggler, mesh.rank)
         loss = trainer.step(inputs, targets)
         elapsed = time.perf_counter() - start
         memory = max_over_ranks(peak_memory_bytes(mesh.device), mesh.device)
+        wire = trainer.rank_model.comm.step_bytes(mesh.device) if trainer.rank_model.comm else None
         if writer is not None:
-            writer.record(StepMetrics(step, loss, elapsed, tokens / elapsed, memory))
+            writer.record(StepMetrics(step, loss, elapsed, tokens / elapsed, memory, wire_bytes=wire))
+        if ckpt is not None:
+            ckpt.after_step(step + 1)
+    if ckpt is not None:
+        ckpt.finish()  # an asynchronous save still being written is waited for and committed
+    if trainer.rank_model.comm:
+        trainer.rank_model.comm.close()
     if save_params:
         save_full_parameters(trainer.rank_model, mesh, out_dir / "params")
+    measured = finish(meter, plan)
     if writer is not None:
         writer.summary(layout=layout_text(plan), estimated_step_time_s=plan.estimate.step_time_s,
-                       world_size=plan.mesh.world_size)
+                       world_size=plan.mesh.world_size, extra=measured)
         writer.close()
 
 

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from trainplan.errors import TrainplanError
 from trainplan.ir.loading import load
 from trainplan.ir.plan import Plan
+from trainplan.runtime.checkpoint import CheckpointOptions
+from trainplan.runtime.data_parallel import parse_straggler
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import build_mesh, check_world_size
 from trainplan.runtime.parallelize import check_plan
@@ -52,7 +54,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="steps to run (default: the spec's)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of this process")
     p.add_argument("--save-params", action="store_true", help="write the final parameters to OUT/params")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="checkpoint folder (default: OUT/ckpt)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N steps")
+    p.add_argument("--checkpoint-minutes", type=float, default=None, help="also save when M minutes have passed")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints to keep (default 3)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume-if-present", action="store_true",
+                   help="continue from the newest complete checkpoint when there is one, else start at step 0 "
+                   "(cluster launches: a restarted or requeued job resumes)")
+    p.add_argument("--checkpoint-async", action="store_true",
+                   help="write checkpoints in the background while training continues")
+    p.add_argument("--straggler", type=parse_straggler, default=None, metavar="RANK:SECONDS",
+                   help="delay RANK by SECONDS every step (the straggler experiment)")
     return p.parse_args(argv)
+
+
+def checkpoint_options(args: argparse.Namespace) -> CheckpointOptions | None:
+    """The run's checkpointing, or None; a restarted attempt of an elastic run resumes when it can."""
+    if not (args.resume or args.resume_if_present or args.checkpoint_every or args.checkpoint_minutes):
+        return None
+    if len(args.plan) != 1:
+        raise PlanExecutionError("checkpoints and --resume are for a single plan, not a sweep")
+    restarted = env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
+    return CheckpointOptions(args.checkpoint_dir or args.out[0] / "ckpt", every_steps=args.checkpoint_every,
+                             every_minutes=args.checkpoint_minutes, keep=args.keep_checkpoints,
+                             resume=args.resume, resume_if_present=restarted or args.resume_if_present,
+                             asynchronous=args.checkpoint_async)
 
 
 def env_int(name: str, default: int | None = None) -> int:
@@ -93,11 +120,13 @@ def run(args: argparse.Namespace, current: list[Path]) -> None:
     backend = plans[0].spec.cluster.backend
     device = select_device(backend, env_int("LOCAL_RANK", 0))
     timeout = timedelta(seconds=min(plan.collective_timeout_s for plan in plans))
+    checkpoint = checkpoint_options(args)
     dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     for plan, path, out in zip(plans, args.plan, args.out):
         current[:] = [path]
         mesh = build_mesh(plan.mesh, device=device, timeout_s=plan.collective_timeout_s)
-        train(plan, mesh, out, steps=args.steps, save_params=args.save_params)
+        train(plan, mesh, out, steps=args.steps, save_params=args.save_params, checkpoint=checkpoint,
+              straggler=args.straggler)
         gc.collect()  # free this plan's DDP/FSDP state (held in reference cycles) while its groups still work
         dist.barrier()
     dist.destroy_process_group()

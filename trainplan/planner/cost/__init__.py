@@ -25,6 +25,8 @@ from trainplan.planner.cost.comm import (
     tp_comm_time_per_layer,
     tree_allreduce_time_s,
     wire_bytes,
+    compressed_dp_time_s,
+    compression_compute_time_s,
 )
 from trainplan.planner.cost.compute import (
     Gemm,
@@ -113,4 +115,6 @@ __all__ = [
     "transformer_layer_params",
     "tree_allreduce_time_s",
     "wire_bytes",
+    "compressed_dp_time_s",
+    "compression_compute_time_s",
 ]

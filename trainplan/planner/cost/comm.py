@@ -333,3 +333,69 @@ def _powersgd_wire_bytes(
         raise ValueError(f"the matrices hold {in_matrices} elements, more than numel={numel}")
     sent = sum(min((n + m) * rank, n * m) for n, m in matrix_shapes)
     return float(sent + numel - in_matrices) * dtype_bytes
+
+
+# ------------------------------------------------------------------------- gradient compression
+
+def _pass_bytes_per_element(compression: str, b: int) -> int:
+    """Bytes moved (read + write) per gradient element of ``b`` bytes by the elementwise passes of
+    trainplan.runtime.compression's hooks, counted from their code. Cast: read b, write 2 (16 bit),
+    and back after the all-reduce (read 2, write b). Top-k: add the residual (read 2b, write b),
+    |a| (read b, write b), selection (read b), zero the chosen and keep the residual (read b, write b)."""
+    return 2 * (b + 2) if compression in ("fp16", "bf16") else 8 * b
+
+
+def compression_compute_time_s(
+    numel: float,
+    compression: Compression,
+    *,
+    dtype_bytes: int = 4,
+    memory_bandwidth: float | None,
+    peak_flops: float,
+    powersgd_rank: int = 1,
+) -> float:
+    """Seconds one worker spends compressing and decompressing ``numel`` gradient elements.
+
+    Casting and top-k are memory-bound elementwise passes: bytes moved (above) over the device's
+    memory bandwidth (0 when the cluster gives none). PowerSGD multiplies each ``n×m`` gradient
+    matrix by ``Q`` (``m×r``), then by ``P`` transposed, and rebuilds ``P·Qᵀ``: ``3·2·n·m·r`` FLOPs
+    (Vogels et al. 2019, Algorithm 1), i.e. ``6·r`` FLOPs per element at the device's peak.
+    """
+    if compression == "none":
+        return 0.0
+    if compression == "powersgd":
+        return 6.0 * powersgd_rank * numel / peak_flops
+    return numel * _pass_bytes_per_element(compression, dtype_bytes) / memory_bandwidth if memory_bandwidth else 0.0
+
+
+def compressed_dp_time_s(
+    cluster: Cluster,
+    numel: float,
+    dp: int,
+    stride: int,
+    algorithm: AllReduceAlgorithm,
+    compression: Compression,
+    *,
+    dtype_bytes: int = 4,
+    topk_ratio: float = 0.01,
+    powersgd_rank: int = 1,
+    matrix_rows: float | None = None,
+) -> float:
+    """Gradient exchange of ``numel`` elements with ``compression`` over a data-parallel group.
+
+    fp16/bf16 and PowerSGD all-reduce their (smaller) payload with ``algorithm``
+    (:func:`wire_bytes`; PowerSGD's matrices are taken as ``matrix_rows × (numel/matrix_rows)``,
+    ``matrix_rows`` the hidden size, or square when unknown). Top-k cannot be summed on the way:
+    every rank all-gathers the others' ``⌈k·N⌉`` (value, index) pairs, ``n·wire`` bytes gathered
+    (Aji & Heafield 2017; Lin et al. 2018, Sec. 2).
+    """
+    if compression == "topk":
+        sent = wire_bytes(int(numel), "topk", dtype_bytes=dtype_bytes, topk_ratio=topk_ratio)
+        return all_gather_time_s(dp * sent, dp, group_link(cluster, dp, stride))
+    shapes: tuple[tuple[int, int], ...] = ()
+    if compression == "powersgd" and numel >= 1:
+        rows = int(matrix_rows or math.isqrt(int(numel)) or 1)
+        shapes = ((rows, max(1, int(numel) // rows)),)
+    sent = wire_bytes(int(numel), compression, dtype_bytes=dtype_bytes, matrix_shapes=shapes,
+                      powersgd_rank=powersgd_rank if compression == "powersgd" else None)
+    return dp_allreduce_time_s(cluster, sent, dp, stride, "ring" if algorithm == "native" else algorithm)

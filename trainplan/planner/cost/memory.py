@@ -90,6 +90,12 @@ def model_state_bytes(params: float, zero_stage: int, dp: int, precision: Precis
     * stage 2, P_os+g: ``2Ψ + (2 + K)·Ψ/N_d``;
     * stage 3, P_os+g+p: ``(2 + 2 + K)·Ψ/N_d``.
 
+    In fp32, stage 2 also holds a separate fp32 master copy of its partition, ``4Ψ/N_d`` (counted
+    with the optimizer state): the full parameters the forward and backward compute with are
+    gathered once and kept, and the optimizer updates this rank's shard of them — FSDP2's
+    ``reshard_after_forward=False``, which the runtime executes for ZeRO-2 (DeepSpeed's ZeRO-1/2
+    also keep an fp32 partition). In mixed precision K already counts the master weights.
+
     ``params`` is what one model replica holds on the device (after tensor and pipeline splits).
     """
     if zero_stage not in (0, 1, 2, 3):
@@ -99,6 +105,8 @@ def model_state_bytes(params: float, zero_stage: int, dp: int, precision: Precis
     if params < 0:
         raise ValueError(f"parameter count must be non-negative, got {params}")
     per_param, per_grad, k = state_bytes_per_param(precision, optimizer)
+    if precision == "fp32" and zero_stage == 2 and dp > 1:
+        k += FP32_BYTES  # the sharded master copy (see above; nothing is sharded at dp = 1)
     return MemoryParts(
         params=params * per_param / (dp if zero_stage >= 3 else 1),
         grads=params * per_grad / (dp if zero_stage >= 2 else 1),

@@ -1,0 +1,116 @@
+"""The coverage corpus (bench/coverage.py) on meta: inspect counts every model's parameters exactly.
+
+Also checks the new Hugging Face families against the library itself: the wrappers' forward
+(what pipeline stages cut) equals the library's own forward, and the meta build restores buffers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainplan import api
+from trainplan.errors import SpecError
+from trainplan.ir.spec import HFModel, ModelSpec, TaskSpec
+from trainplan.models import build_model, init_parameters, materialize, resolve_task
+from trainplan.models.hf import ARCHS, library_forward
+from trainplan.runtime.stages import split_stages
+
+pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "coverage.py"
+
+
+def _coverage():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("coverage_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["coverage_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+COVERAGE = _coverage()
+
+
+def test_the_corpus_covers_every_hf_arch_and_the_catalogue() -> None:
+    hf = {model["hf"]["arch"] for model, _ in COVERAGE.CORPUS.values() if "hf" in model}
+    catalogue = {model["catalogue"] for model, _ in COVERAGE.CORPUS.values() if "catalogue" in model}
+    assert hf == set(ARCHS)
+    assert catalogue == {"gpt", "llama", "bert", "mlp", "cnn"}
+
+
+@pytest.mark.parametrize("name", sorted(COVERAGE.CORPUS))
+def test_inspect_counts_the_models_own_parameters(name: str) -> None:
+    spec = COVERAGE.corpus_spec(name, {"preset": "cpu-local", "devices_per_node": 2})
+    module = build_model(spec.model, spec.task, device="meta").module
+    own = sum(p.numel() for p in module.parameters())
+    if spec.model.hf is not None:
+        assert own == module.hf.num_parameters()  # the library's count, tied weights once
+    assert api.trace(spec).params == own
+
+
+def _spec(name: str) -> ModelSpec:
+    return ModelSpec.model_validate(COVERAGE.CORPUS[name][0])
+
+
+def _inputs(task: TaskSpec) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if task.kind == "lm":
+        return torch.randint(0, task.vocab, (2, 16), generator=generator)
+    return torch.randn(2, *task.input_shape, generator=generator)
+
+
+@pytest.mark.parametrize("name", ["hf-mistral", "hf-qwen2", "hf-t5", "hf-vit"])
+def test_new_families_equal_the_library_forward_and_survive_the_meta_build(name: str) -> None:
+    model, task = COVERAGE.CORPUS[name]
+    built = build_model(_spec(name), TaskSpec.model_validate(task), device="cpu")
+    ours = built.module.eval()
+    init_parameters(ours, seed=1)
+    meta = materialize(build_model(_spec(name), TaskSpec.model_validate(task)).module.eval(), "cpu", seed=1)
+    x = _inputs(built.task)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), library_forward(ours, x), rtol=0, atol=0)
+        torch.testing.assert_close(meta(x), ours(x), rtol=0, atol=0)
+
+
+def test_vit_is_an_image_classifier_and_pipeline_stages_cut_it() -> None:
+    built = build_model(_spec("hf-vit"), TaskSpec(kind="classification"), device="cpu")
+    assert (built.task.input_shape, built.task.classes, built.facts) == ([3, 8, 8], 10, None)
+    model = built.module.eval()
+    init_parameters(model, seed=1)
+    stages = split_stages(model, [["hf.vit.embeddings", "hf.vit.layers.0"],
+                                  ["hf.vit.layers.1", "hf.vit.layernorm", "hf.classifier"]])
+    x = _inputs(built.task)
+    with torch.no_grad():
+        torch.testing.assert_close(stages[1](stages[0](x)), model(x), rtol=0, atol=0)
+    with pytest.raises(SpecError) as err:
+        resolve_task(_spec("hf-vit"), TaskSpec(kind="classification", input_shape=[3, 16, 16]))
+    assert err.value.problems[0][0] == "task.input_shape"
+
+
+def test_t5_task_and_facts() -> None:
+    built = build_model(_spec("hf-t5"))
+    assert built.facts is None  # measured from its graph; no closed-form decoder/encoder facts
+    assert (built.task.kind, built.task.vocab, built.task.seq_len) == ("lm", 64, 512)
+    assert "hf" in built.module.keep_whole
+    longer = resolve_task(_spec("hf-t5"), TaskSpec(seq_len=1024))  # relative positions: 512 is only a default
+    assert longer.seq_len == 1024
+
+
+def test_mistral_sequences_are_limited_to_the_sliding_window() -> None:
+    config = {**COVERAGE.ROTARY, "max_position_embeddings": 64, "sliding_window": 16}
+    spec = ModelSpec(hf=HFModel(arch="mistral", config=config))
+    assert resolve_task(spec, TaskSpec()).seq_len == 16
+    with pytest.raises(SpecError, match="at most 16 positions"):
+        resolve_task(spec, TaskSpec(seq_len=32))
+
+
+def test_gpt2_facts_keep_tensor_parallelism_off_and_hf_models_refuse_sequence_parallel() -> None:
+    gpt2 = build_model(_spec("hf-gpt2")).facts
+    llama = build_model(_spec("hf-llama")).facts
+    assert (gpt2.tensor_parallel, llama.tensor_parallel) == (False, True)
+    assert not llama.sequence_parallel

@@ -1,0 +1,102 @@
+"""Measured memory next to the planner's estimate (``summary.json``'s ``memory`` section).
+
+The model-state estimates (parameters, gradients, optimizer state) must equal what each rank
+holds, byte for byte, for every layout here: plans made by the planner with the layout fixed,
+run on 4 gloo processes. ZeRO-1's partition (``ZeroRedundancyOptimizer`` assigns whole
+parameters to ranks) differs per rank by less than one parameter's state; the sum over the
+data-parallel ranks is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.runtime.plans import gpt_spec
+from trainplan.api import plan, spec_from_dict
+from trainplan.ir.plan import Plan
+from trainplan.runtime.launch import launch_sweep
+from trainplan.runtime.measure import SavedTensorTracker, unique_bytes, warnings_for
+
+FIXED = {"tp": 1, "pp": 1, "micro_batch": 1, "schedule": "1f1b", "virtual_stages": 1, "recompute": "none",
+         "sequence_parallel": False, "allreduce": "native", "sync": "sync", "compression": "none"}
+LAYOUTS = {
+    "dp4-zero0": {"dp": 4, "zero": 0},
+    "dp4-zero1": {"dp": 4, "zero": 1},
+    "dp4-zero2": {"dp": 4, "zero": 2},
+    "dp4-zero3": {"dp": 4, "zero": 3},
+    "tp2-dp2": {"dp": 2, "tp": 2, "zero": 0},
+    "pp2-dp2-1f1b": {"dp": 2, "pp": 2, "zero": 0},
+    "tp2-pp2": {"dp": 1, "tp": 2, "pp": 2, "zero": 0, "micro_batch": 2},
+}
+
+
+def planned(layout: dict[str, object], **spec: object) -> Plan:
+    """The planner's plan of the tiny GPT with every parallel field fixed: real estimates."""
+    data = gpt_spec(4, steps=2, **spec)
+    data["parallel"] = {**FIXED, **layout}
+    return plan(spec_from_dict(data))[0]
+
+
+@pytest.mark.slow
+def test_model_state_estimates_are_exact(tmp_path: Path) -> None:
+    plans = {name: planned(layout) for name, layout in LAYOUTS.items()}
+    outs = [tmp_path / name for name in plans]
+    code = launch_sweep(list(plans.values()), nproc=4, out_dirs=outs, run_dir=tmp_path / "run")
+    assert code == 0, (tmp_path / "run" / "error.txt").read_text()
+    for (name, p), out in zip(plans.items(), outs):
+        memory = json.loads((out / "summary.json").read_text())["memory"]
+        assert len(memory["ranks"]) == 4
+        for row in memory["ranks"]:
+            c = row["components"]
+            assert c["activations"]["measured"] > 0, (name, row)
+            for part in ("params", "grads", "optimizer"):
+                measured, estimated = c[part]["measured"], c[part]["estimated"]
+                if name == "tp2-pp2" and part == "grads" and row["stage"] == 0:
+                    # Known runtime excess, not an estimate error: the vocabulary-parallel embedding's
+                    # gradient comes back replicated (whole) on a stage without the tied LM head and
+                    # is cut to this rank's rows only in the tied-gradient sum (pipeline.TiedSync).
+                    vocab, hidden = p.spec.model.args["vocab"], p.spec.model.args["hidden"]
+                    assert measured == estimated + vocab * hidden * 4 // 2, (name, row)
+                elif name == "dp4-zero1" and part == "optimizer":
+                    largest = max(q.numel() for q in _meta_params(p)) * 8  # Adam: two fp32 moments
+                    assert abs(measured - estimated) < largest, (name, row)
+                else:
+                    assert measured == estimated, f"{name} rank {row['rank']}: {part} {measured} != {estimated}"
+        if name == "dp4-zero1":
+            total = sum(r["components"]["optimizer"]["measured"] for r in memory["ranks"])
+            assert total == 4 * memory["ranks"][0]["components"]["optimizer"]["estimated"]
+        # no model-state warning; the summary names each rank's stage
+        assert not [w for w in memory["warnings"] if any(k in w for k in ("params", "grads", "optimizer"))]
+        assert {row["stage"] for row in memory["ranks"]} == set(range(p.mesh.pp))
+
+
+def _meta_params(p: Plan) -> list[torch.nn.Parameter]:
+    from trainplan.models import build_model
+
+    return list(build_model(p.spec.model, p.spec.task, device="meta").module.parameters())
+
+
+def test_saved_tensor_tracker_counts_unique_storages_and_skips_parameters() -> None:
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    tracker = SavedTensorTracker()
+    with tracker.track():
+        h = x @ w  # saves x and w (w excluded: a parameter)
+        y = (h * h).sum()  # saves h twice: one storage
+    assert tracker.peak == unique_bytes([x, h]) == (4 * 8 + 4 * 8) * 4
+    y.backward()
+    assert tracker.live == 0
+
+
+def test_warning_names_component_and_rank() -> None:
+    p = planned({"dp": 4, "zero": 0})
+    row = {"rank": 3, "stage": 0, "components": {
+        "activations": {"measured": 120.0, "estimated": 100.0, "rel_error": 0.2},
+        "params": {"measured": 105.0, "estimated": 100.0, "rel_error": 0.05},
+    }}
+    lines = warnings_for(p, [row])
+    assert len(lines) == 1 and "rank 3" in lines[0] and "activations" in lines[0] and "20%" in lines[0]

@@ -1,0 +1,54 @@
+"""``trainplan verify``: the scaled-down layout against one process, and a deliberately wrong run failing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.runtime.plans import gpt_spec
+from trainplan.api import plan, spec_from_dict
+from trainplan.cli import main
+from trainplan.ir.plan import Plan
+from trainplan.runtime.measure import PERTURB_ENV
+from trainplan.verify import VerifyError, shrunk_spec
+
+
+def big_plan(**parallel: object) -> Plan:
+    """A plan of an 8-process GPT (8 layers, hidden 64): bigger than what verify runs."""
+    data = gpt_spec(8, layers=8, hidden=64, heads=8, vocab=128, seq_len=32, global_batch=32)
+    data["parallel"] = parallel
+    return plan(spec_from_dict(data))[0]
+
+
+def test_shrunk_spec_keeps_the_layout_kinds_and_caps_degrees() -> None:
+    p = big_plan(dp=2, tp=2, pp=2, zero=0, schedule="gpipe", recompute="full")
+    data, nproc = shrunk_spec(p)
+    assert nproc == 8
+    par = data["parallel"]
+    assert (par["dp"], par["tp"], par["pp"], par["schedule"], par["recompute"], par["zero"]) == (2, 2, 2, "gpipe", "full", 0)
+    args = data["model"]["args"]
+    assert args["layers"] == 4 and args["hidden"] == 32 and args["tie_embeddings"] is True
+
+
+def test_verify_refuses_a_non_catalogue_model() -> None:
+    p = big_plan(dp=8, tp=1, pp=1)
+    p = p.model_copy(update={"spec": p.spec.model_copy(update={"model": p.spec.model.model_copy(
+        update={"catalogue": None, "import_": "pkg.mod:fn"})})})
+    with pytest.raises(VerifyError, match="catalogue models only"):
+        shrunk_spec(p)
+
+
+@pytest.mark.slow
+def test_verify_passes_a_good_plan_and_fails_a_perturbed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(big_plan(dp=4, tp=1, pp=2, zero=1, schedule="1f1b").model_dump(mode="json", by_alias=True)))
+    assert main(["verify", str(path), "--steps", "2", "-o", str(tmp_path / "good")]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "dp=2" in out and "pp=2" in out and "zero=1" in out
+    monkeypatch.setenv(PERTURB_ENV, "1")  # test aid: rank 1 adds 1e-2 to a gradient before each step
+    assert main(["verify", str(path), "--steps", "2", "-o", str(tmp_path / "bad")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "differ" in out
