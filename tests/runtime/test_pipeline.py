@@ -27,6 +27,13 @@ CASES = {
     # wte on stage 0, the same weight as lm_head on stage 1: SGD makes a missed gradient share visible
     "tied-1f1b-pp2-dp2-zero1-sgd": (validate(Spec, gpt_spec(4, optimizer="sgd", lr=0.5)),
                                     dict(pp=2, dp=2, micro_batch=1, schedule="1f1b", zero=1)),
+    # a non-transformer: a ResNet with GroupNorm (per-sample statistics), SGD, micro-batched on 2 stages x 2 replicas
+    "cnn-groupnorm-1f1b-pp2-dp2-sgd": (validate(Spec, {
+        "name": "tiny-cnn", "model": {"catalogue": "cnn", "args": {"input_shape": [3, 8, 8], "widths": [8, 16],
+                                                                    "blocks": 1, "norm": "group"}},
+        "task": {"kind": "classification"},
+        "training": {"global_batch": 8, "steps": 3, "optimizer": "sgd", "lr": 0.1, "seed": 3},
+        "cluster": {"preset": "cpu-local", "devices_per_node": 4}}), dict(pp=2, dp=2, micro_batch=2, schedule="1f1b")),
 }
 
 

@@ -6,7 +6,10 @@ stride changes), stride 2 at the first block of every stage after the first, glo
 pooling and a linear classifier (the CIFAR-10 layout of §4.2 with configurable widths).
 
 Input: float ``(batch, C, H, W)``. Output: logits ``(batch, classes)``. BatchNorm normalises over
-the batch it is given, so data-parallel or micro-batched runs see per-replica statistics.
+the batch it is given, so data-parallel or micro-batched runs see per-replica statistics and do
+not reproduce one process's numbers; ``norm: group`` uses GroupNorm instead (Wu & He 2018, 8
+groups where the width allows, the same 2 parameters per channel), which normalises each sample
+alone, so every plan of it trains exactly like one process.
 
 Parameter count (elements), convolutions without bias, BatchNorm 2 per channel: stem
 ``9*C*w0 + 2*w0``; a block from a to b channels ``9*a*b + 9*b*b + 4b`` plus ``a*b + 2b`` when it
@@ -14,6 +17,9 @@ projects; classifier ``w_last*classes + classes``.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,10 @@ class CNNConfig(Strict):
     classes: PositiveInt = Field(10, description="Output classes.")
     widths: list[PositiveInt] = Field([16, 32, 64], description="Channels of each stage.")
     blocks: PositiveInt = Field(2, description="Basic blocks per stage.")
+    norm: Literal["batch", "group"] = Field(
+        "batch", description="batch: BatchNorm (per-replica, per-micro-batch statistics); group: GroupNorm "
+        "(per sample, so parallel runs equal one process)."
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> "CNNConfig":
@@ -51,17 +61,24 @@ class CNNConfig(Strict):
         return None
 
 
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """BatchNorm2d, or GroupNorm with 8 groups (Wu & He 2018, Sec. 4) or fewer when 8 does not divide the width."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, fan_in: int, fan_out: int, stride: int) -> None:
+    def __init__(self, fan_in: int, fan_out: int, stride: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(fan_in, fan_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(fan_out)
+        self.bn1 = norm_layer(norm, fan_out)
         self.conv2 = nn.Conv2d(fan_out, fan_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(fan_out)
+        self.bn2 = norm_layer(norm, fan_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or fan_in != fan_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(fan_in, fan_out, 1, stride=stride, bias=False), nn.BatchNorm2d(fan_out)
+                nn.Conv2d(fan_in, fan_out, 1, stride=stride, bias=False), norm_layer(norm, fan_out)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +92,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.config = cfg
         self.stem = nn.Conv2d(cfg.input_shape[0], cfg.widths[0], 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(cfg.widths[0])
+        self.bn = norm_layer(cfg.norm, cfg.widths[0])
         self.layers = nn.ModuleList(_stage_blocks(cfg))
         self.head = nn.Linear(cfg.widths[-1], cfg.classes)
 
@@ -93,7 +110,7 @@ def _stage_blocks(cfg: CNNConfig) -> list[BasicBlock]:
     for stage, width in enumerate(cfg.widths):
         for i in range(cfg.blocks):
             stride = 2 if stage > 0 and i == 0 else 1
-            blocks.append(BasicBlock(fan_in, width, stride))
+            blocks.append(BasicBlock(fan_in, width, stride, cfg.norm))
             fan_in = width
     return blocks
 

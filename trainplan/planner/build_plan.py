@@ -174,6 +174,22 @@ def _notes(spec: Spec, ev: Evaluation, ctx: Context) -> list[str]:
     return notes
 
 
+def batch_statistics_notes(model: ModelCosts, micro_batch: int, global_batch: int) -> list[str]:
+    """A warning when the plan splits the batch of a model whose layers normalise over the batch.
+
+    BatchNorm in training mode computes its statistics over the rows it is given (Ioffe & Szegedy
+    2015, Alg. 1), so once a replica's micro-batch is smaller than the global batch the parallel
+    run's numbers differ from one process's (as with DDP); the search does not avoid such layouts.
+    """
+    if not model.batch_statistics or micro_batch >= global_batch:
+        return []
+    shown = ", ".join(model.batch_statistics[:3]) + (", ..." if len(model.batch_statistics) > 3 else "")
+    return [f"batch statistics: {len(model.batch_statistics)} BatchNorm layer(s) ({shown}) normalise over each "
+            f"micro-batch of {micro_batch} sample(s), not the global batch of {global_batch}: the run is valid but "
+            "does not reproduce one process's losses; use GroupNorm/LayerNorm (or SyncBatchNorm with "
+            "micro_batch = global_batch / dp on GPUs) where that matters"]
+
+
 def _resolved_comm(spec: Spec, ev: Evaluation) -> CommSpec:
     """The spec's comm options, with hierarchical all-reduce's ranks per node filled in: the members
     of a (consecutive, tp = 1) dp group that share a node, ``gcd(dp, devices_per_node)``."""
@@ -209,5 +225,5 @@ def build_plan(spec: Spec, model: ModelCosts, result: SearchResult, ctx: Context
         estimate=_estimate(ev, model, spec, ctx),
         alternatives=_alternatives(result, float(spec.cluster.device.memory), keep),
         search=SearchStats(candidates=result.candidates, evaluated=result.evaluated, feasible=result.feasible),
-        notes=_notes(spec, ev, ctx),
+        notes=_notes(spec, ev, ctx) + batch_statistics_notes(model, ev.layout.micro_batch, spec.training.global_batch),
     )

@@ -7,6 +7,8 @@ touches torch.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +41,8 @@ class ModelCosts:
     # (unit, owner unit, parameters): unit reads parameters owned by another (a tied LM head reads
     # the embedding); a stage holding the unit without its owner keeps its own copy.
     shared: tuple[tuple[int, int, float], ...] = ()
+    # Module paths of layers that normalise over the batch (BatchNorm): micro-batching changes their result.
+    batch_statistics: tuple[str, ...] = ()
 
     @property
     def flops_per_sample(self) -> float:
@@ -94,7 +98,12 @@ def model_costs_from_graph(graph: OpGraph) -> ModelCosts:
         owner = index[holders[0]]
         count = float(_param_count(graph, names))
         shared += [(index[h], owner, count) for h in holders[1:]]
-    return ModelCosts(units, graph.facts, float(graph.params), tuple(sorted(shared)))
+    batch_norms = tuple(path for path, cls in graph.module_classes if BATCH_STATISTICS.search(cls))
+    return ModelCosts(units, graph.facts, float(graph.params), tuple(sorted(shared)), batch_norms)
+
+
+# Class names of layers whose training-mode output depends on the other samples of the batch.
+BATCH_STATISTICS = re.compile(r"BatchNorm")
 
 
 def _param_count(graph: OpGraph, names: tuple[str, ...]) -> int:
