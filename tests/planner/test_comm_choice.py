@@ -39,8 +39,12 @@ DDP = lambda tp, pp, zero: tp == 1 and zero in (0, 1)  # noqa: E731 - hooks need
 PLAIN = lambda tp, pp, zero: tp == 1 and pp == 1 and zero == 0  # noqa: E731 - own exchange
 
 
+RING = lambda tp, pp, zero: tp == 1  # noqa: E731 - DDP hook, or FSDP2's custom reduce-scatter
+
+
 @pytest.mark.parametrize(("fixed", "runs"), [
-    (dict(allreduce="ring"), DDP), (dict(compression="topk"), DDP), (dict(allreduce="ps"), PLAIN),
+    (dict(allreduce="ring"), RING), (dict(allreduce="tree"), DDP), (dict(compression="topk"), DDP),
+    (dict(allreduce="ps"), PLAIN),
     (dict(sync="local_sgd"), PLAIN),
 ])
 def test_space_proposes_only_what_the_runtime_runs(fixed: dict, runs) -> None:  # noqa: ANN001

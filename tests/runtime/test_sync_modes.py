@@ -32,6 +32,7 @@ EXACT = {
     "hierarchical": (ADAM, dict(dp=N, allreduce="hierarchical", comm={"local_size": 2})),
     "ring-zero1": (SGD, dict(dp=N, allreduce="ring", zero=1)),
     "pp2-tree": (ADAM, dict(pp=2, dp=2, allreduce="tree", micro_batch=2)),  # a hook per pipeline stage's DDP
+    "ring-zero3": (SGD, dict(dp=N, allreduce="ring", zero=3)),  # FSDP2 reduce-scatters with our ring
     "ps-sync": (ADAM, dict(dp=N, allreduce="ps", comm={"ps_servers": 3})),
     "ps-async-s0-sgd": (SGD, dict(dp=N, allreduce="ps", sync="async", comm={"staleness": 0})),
     "local-sgd-h1-sgd": (SGD, dict(dp=N, sync="local_sgd", allreduce="ring", comm={"local_sgd_period": 1})),
@@ -90,6 +91,9 @@ def test_wire_bytes_per_step_follow_the_scheme(runs: dict[str, tuple[Spec, Path,
     assert [m["wire_bytes"] for m in metrics(runs["ring"][1])] == [ring] * 3
     assert [m["wire_bytes"] for m in metrics(runs["fp16"][1])] == [ring // 2] * 3
     assert all(m["wire_bytes"] > 0 for m in metrics(runs["pp2-tree"][1]))  # the stages' hooks ran
+    # ZeRO-3: a ring reduce-scatter of each FSDP unit's padded gradients, (n-1)/n of them per rank
+    zero3 = [m["wire_bytes"] for m in metrics(runs["ring-zero3"][1])]
+    assert all(ring // 2 <= b < ring // 2 + 4096 for b in zero3), (zero3, ring // 2)
     assert [m["wire_bytes"] for m in metrics(runs["topk"][1])] == [N * (N - 1) * math.ceil(0.1 * numel) * 8] * 3
     power = [m["wire_bytes"] for m in metrics(runs["powersgd"][1])]
     assert power[:2] == [ring] * 2 and 0 < power[2] < ring / 4

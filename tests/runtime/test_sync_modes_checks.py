@@ -14,7 +14,8 @@ from trainplan.runtime.ps import Push, Shard, assign_shards
 
 
 @pytest.mark.parametrize(("layout", "message"), [
-    (dict(dp=4, zero=2, allreduce="ring"), "which zero: 2 .FSDP2. does not take"),
+    (dict(dp=4, zero=2, allreduce="tree"), "which zero: 2 .FSDP2. does not take"),
+    (dict(dp=4, zero=3, allreduce="ring", compression="fp16"), "zero 2/3 also take allreduce: ring, uncompressed"),
     (dict(dp=2, tp=2, allreduce="tree", tp_styles=GPT_TP_STYLES), "tensor parallelism .FSDP2 replicate."),
     (dict(dp=4, compression="topk", allreduce="tree"), "use allreduce: ring or native, not tree"),
     (dict(dp=4, compression="powersgd", allreduce="ring"), "use allreduce: native, not ring"),
@@ -34,6 +35,7 @@ def test_refused_before_launch_with_the_alternative(layout: dict, message: str) 
 def test_accepted_combinations() -> None:
     for layout in (dict(dp=4, zero=1, allreduce="ring", compression="fp16"), dict(dp=4, compression="bf16"),
                    dict(dp=2, pp=2, allreduce="tree"), dict(dp=4, allreduce="ps", sync="async"),
+                   dict(dp=4, zero=3, allreduce="ring"),
                    dict(dp=4, sync="local_sgd", allreduce="hierarchical", comm={"local_size": 2}),
                    dict(dp=1, tp=4, zero=3, compression="topk", tp_styles=GPT_TP_STYLES)):
         check_data_parallel(make_plan(gpt_spec(4), **layout))

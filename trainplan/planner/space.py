@@ -79,7 +79,8 @@ def _sequence_parallel(tp: int, facts: TransformerFacts | None) -> list[bool]:
 def runtime_runs_comm(parallel: ParallelSpec, tp: int, pp: int, dp: int, zero: int) -> bool:
     """Whether the runtime executes the spec's fixed all-reduce, compression and sync mode on this
     layout (trainplan.runtime.data_parallel.check_data_parallel): our algorithms and compression are
-    DDP hooks (ZeRO 0/1, tp = 1); the parameter server and local SGD/async run plain data
+    DDP hooks (ZeRO 0/1, tp = 1), and ZeRO 2/3 (FSDP2, tp = 1) takes our ring as its reduce-scatter,
+    uncompressed; the parameter server and local SGD/async run plain data
     parallelism (tp = pp = 1, ZeRO 0), uncompressed."""
     if dp == 1:
         return True
@@ -87,7 +88,8 @@ def runtime_runs_comm(parallel: ParallelSpec, tp: int, pp: int, dp: int, zero: i
     if own:
         return tp == 1 and pp == 1 and zero == 0 and parallel.compression in (AUTO, "none")
     hooked = parallel.allreduce in ("ring", "tree", "hierarchical") or parallel.compression not in (AUTO, "none")
-    return not hooked or (tp == 1 and zero in (0, 1))
+    fsdp_ring = parallel.allreduce == "ring" and parallel.compression in (AUTO, "none") and zero in (2, 3)
+    return not hooked or (tp == 1 and (zero in (0, 1) or fsdp_ring))
 
 
 def _zero_stages(tp: int) -> list[int]:

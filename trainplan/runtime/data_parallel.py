@@ -21,9 +21,10 @@ Gradient exchange (``plan.allreduce``, ``plan.compression``, ``plan.comm``): on 
 / top-k / PowerSGD compression run as DDP communication hooks
 (:mod:`trainplan.runtime.collectives`, :mod:`trainplan.runtime.compression`); their bytes on the
 wire are counted per step. FSDP2 (ZeRO 2/3, and ``replicate`` under tensor parallelism)
-reduce-scatters with the backend's own collective and takes no DDP hook; its equivalent would be
-``FSDPModule.set_custom_reduce_scatter`` (a reduce-scatter, not an all-reduce: the first half of
-our ring), which is not wired yet, so those combinations are refused with the alternative named. Local SGD
+reduce-scatters and takes no DDP hook; its equivalent, ``FSDPModule.set_custom_reduce_scatter``,
+runs our ring's reduce-scatter half for ``allreduce: ring`` (tp = 1, uncompressed,
+:mod:`~trainplan.runtime.collectives.fsdp`); other combinations are refused with the alternative
+named. Local SGD
 and the parameter server skip DDP and exchange on their own (:mod:`trainplan.runtime.sync_modes`).
 
 Inside pipeline stages DDP runs with ``find_unused_parameters=True``: a schedule runs several
@@ -54,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from trainplan.ir.plan import Plan
 from trainplan.ir.spec import TrainingSpec
 from trainplan.runtime.collectives import CommHook, WireCounter
+from trainplan.runtime.collectives.fsdp import RingReduceScatter
 from trainplan.runtime.compression import CompressionOptions, compression_hook
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import RankMesh
@@ -91,12 +93,14 @@ def check_data_parallel(plan: Plan) -> None:
     if plan.allreduce == "ps" or plan.sync != "sync":
         _check_own_exchange(plan)
         return
+    if fsdp_ring(plan):
+        return  # FSDP2's reduce-scatter runs as our ring (:mod:`~trainplan.runtime.collectives.fsdp`)
     if (plan.allreduce != "native" or plan.compression != "none") and not uses_ddp(plan):
         what = "tensor parallelism (FSDP2 replicate)" if plan.mesh.tp > 1 else f"zero: {plan.zero} (FSDP2)"
         raise PlanExecutionError(
             f"allreduce: {plan.allreduce} with compression: {plan.compression} runs as a DDP communication hook, "
             f"which {what} does not take (FSDP2 reduce-scatters with the backend's own collective); use zero 0 or 1 "
-            "with tp 1, or allreduce: native and compression: none")
+            "with tp 1, or allreduce: native and compression: none (zero 2/3 also take allreduce: ring, uncompressed)")
     if plan.compression == "topk" and plan.allreduce not in TOPK_ALGORITHMS:
         raise PlanExecutionError(f"compression: topk all-gathers sparse (index, value) pairs; use allreduce: ring or "
                                  f"native, not {plan.allreduce}")
@@ -126,6 +130,13 @@ def _check_own_exchange(plan: Plan) -> None:
                                  "ranks that can hold a shard; use at most dp")
     if plan.allreduce == "hierarchical":
         local_size(plan)
+
+
+def fsdp_ring(plan: Plan) -> bool:
+    """ZeRO 2/3 without tensor parallelism and ``allreduce: ring``, uncompressed: FSDP2 reduce-scatters
+    the gradients with our ring's reduce-scatter half (``set_custom_reduce_scatter``)."""
+    return plan.zero in (2, 3) and plan.mesh.tp == 1 and plan.allreduce == "ring" and plan.compression == "none" \
+        and plan.sync == "sync"
 
 
 def own_exchange(plan: Plan) -> bool:
@@ -218,6 +229,7 @@ class DataParallelComm:
     def __init__(self) -> None:
         self.counter = WireCounter()
         self.hooks: list[CommHook] = []
+        self.custom = False  # FSDP2 runs our ring reduce-scatter
         self._last = 0
 
     def hook(self, plan: Plan, mesh: RankMesh) -> CommHook | None:
@@ -233,7 +245,7 @@ class DataParallelComm:
     def step_bytes(self, device: torch.device) -> int | None:
         """Bytes every rank's hooks sent since the last call, summed over ranks (collective: every rank
         calls it); ``None`` without hooks (DDP's own all-reduce is not counted)."""
-        if not self.hooks:
+        if not self.hooks and not self.custom:
             return None
         sent = self.counter.total_bytes
         total = torch.tensor([sent - self._last], dtype=torch.int64, device=device)
@@ -256,6 +268,12 @@ def wrap_stages(local: dict[int, nn.Module], plan: Plan, mesh: RankMesh) -> tupl
         wraps = mesh.shape.dp > 1 and plan.zero in (0, 1) and not isinstance(module, FSDPModule) and not own
         wrapped[index] = wrap_after_materialize(module, plan.zero, mesh, comm.hook(plan, mesh) if wraps else None,
                                                 replicas_exchange=own)
+        if mesh.shape.dp > 1 and fsdp_ring(plan):
+            reduce_scatter = RingReduceScatter(timedelta(seconds=plan.collective_timeout_s), comm.counter)
+            for sub in module.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.set_custom_reduce_scatter(reduce_scatter)
+                    comm.custom = True
     return wrapped, comm
 
 
