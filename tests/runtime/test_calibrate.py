@@ -39,6 +39,7 @@ from trainplan.runtime.calibrate import (
     render_yaml,
     run_local_workers,
     slowest_rank,
+    summary_lines,
     threads_per_process,
     transformer_gemms,
     write_atomic,
@@ -134,6 +135,15 @@ def test_copy_bandwidth_counts_read_and_write() -> None:
     assert copy_bandwidth(2**30, 0.5) == pytest.approx(2 * 2**30 / 0.5)
     with pytest.raises(ValueError):
         copy_bandwidth(2**30, 0.0)
+
+
+def test_algorithm_timings_are_listed_per_size_in_the_header() -> None:
+    m = dataclasses.replace(measurement(), algorithms=(("ring", 4096, 1e-4), ("tree", 4096, 5e-5),
+                                                       ("ring", 65536, 2e-4), ("tree", 65536, 3e-4)))
+    lines = summary_lines(m)
+    start = next(i for i, line in enumerate(lines) if line.startswith("trainplan's all-reduce algorithms"))
+    assert "ring" in lines[start + 1] and "tree" in lines[start + 1]
+    assert "100.0 us" in lines[start + 2] and "50.0 us" in lines[start + 2] and "300.0 us" in lines[start + 3]
 
 
 def test_measured_bandwidth_and_kernel_cost_replace_the_presets_guesses() -> None:
@@ -288,6 +298,8 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     assert 1e6 < c.intra_node.bandwidth < 1e12
     assert 1e-9 < c.intra_node.latency < 1.0
     assert 1e8 < c.device.memory_bandwidth < 1e13 and 1e-8 < c.device.kernel_launch < 1e-2
+    header = out.read_text()
+    assert "trainplan's all-reduce algorithms" in header and "ring" in header and "tree" in header
     assert children() <= before
     assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
 

@@ -303,6 +303,7 @@ class Measurement:
     wall_s: float
     memory_bandwidth: float | None = None  # bytes/s of a copy, slowest rank (None: not measured)
     kernel_launch: float | None = None  # seconds of fixed cost per kernel, slowest rank
+    algorithms: tuple[tuple[str, int, float], ...] = ()  # (our all-reduce algorithm, bytes, seconds)
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -355,7 +356,8 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         allreduce=tuple((int(n), float(s)) for n, s in results[0].get("allreduce", [])),
         started_utc=started, wall_s=time.monotonic() - t0,
         memory_bandwidth=min(copy_bandwidth(*r["copy"]) for r in results) if "copy" in results[0] else None,
-        kernel_launch=max(r["kernel"] for r in results) if "kernel" in results[0] else None)
+        kernel_launch=max(r["kernel"] for r in results) if "kernel" in results[0] else None,
+        algorithms=tuple((str(a), int(n), float(t)) for a, n, t in results[0].get("algorithms", [])))
 
 
 def copy_bandwidth(nbytes: float, seconds: float) -> float:
@@ -443,6 +445,15 @@ def summary_lines(m: Measurement) -> list[str]:
         lines.append("all-reduce (rank 0), bus bandwidth = algbw * 2(n-1)/n as in nccl-tests:")
         lines += [f"  {format_bytes(n):>10}: {s * 1e6:10.1f} us  busbw {bus_bandwidth(n, s, m.nproc) / 1e9:8.3f} GB/s"
                   for n, s in m.allreduce]
+    if m.algorithms:
+        names = list(dict.fromkeys(a for a, _, _ in m.algorithms))
+        times = {(a, n): t for a, n, t in m.algorithms}
+        lines.append("trainplan's all-reduce algorithms (parallel.allreduce), slowest rank, us / busbw GB/s; "
+                     "`python bench/collectives.py --cluster FILE` puts the cost model's predictions next to them:")
+        lines.append(f"  {'size':>10}  " + "  ".join(f"{a:>26}" for a in names))
+        for n in sorted({n for _, n, _ in m.algorithms}):
+            lines.append(f"  {format_bytes(n):>10}: " + "  ".join(
+                f"{times[a, n] * 1e6:12.1f} us {bus_bandwidth(n, times[a, n], m.nproc) / 1e9:8.3f} GB/s" for a in names))
     return lines
 
 

@@ -192,4 +192,22 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
     if ctx.world_size > 1:
         result["allreduce"] = [[n, time_allreduce(n, ctx, plan)] for n in plan.comm_sizes]
         result["p2p"] = [[n, time_pingpong(n, ctx, plan)] for n in plan.comm_sizes]
+        if ctx.device.type == "cpu":  # our algorithms move CPU tensors over gloo point-to-point
+            result["algorithms"] = time_algorithms(ctx, plan)
     return result
+
+
+def time_algorithms(ctx: WorkerContext, plan: BenchPlan) -> list[list[Any]]:
+    """``[name, bytes, median seconds]`` of trainplan's own ring, tree and hierarchical all-reduce
+    (:mod:`trainplan.runtime.collectives`) at every size, the slowest rank's time per sample."""
+    from trainplan.runtime.collectives.timing import default_variants, time_once
+
+    out: list[list[Any]] = []
+    variants = [v for v in default_variants(ctx.world_size) if v.algo != "native"]
+    for nbytes in plan.comm_sizes:
+        x = torch.zeros(nbytes // 4, dtype=torch.float32)
+        for v in variants:
+            for _ in range(plan.warmup):
+                time_once(v, x)
+            out.append([v.name, nbytes, statistics.median(time_once(v, x) for _ in range(plan.repeats))])
+    return out
