@@ -195,6 +195,8 @@ def test_cli_resume_bad_inputs(tmp_path, capsys, plan):
     assert code == 2 and "another spec" in err and "training.seed: 11 in the checkpoint, 3 now" in err
     code, err = cli(capsys, "run", str(path), "--nproc", "1", "--resume")
     assert code == 2
+    code, err = cli(capsys, "run", str(path), "--checkpoint-async")
+    assert code == 2 and "--checkpoint-async needs --checkpoint-every N or --checkpoint-minutes M" in err
 
 
 def test_cli_replan_for_fewer_processes(tmp_path, capsys, plan):

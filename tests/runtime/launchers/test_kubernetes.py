@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -145,3 +146,37 @@ def test_launch_applies_with_kubectl_or_prints(plan_files, tmp_path, monkeypatch
     monkeypatch.setenv("PATH", os.devnull)
     with pytest.raises(LaunchError, match="kubectl was not found on PATH"):
         launch(plan_files["cpu_2x2"], "kubernetes", out_dir=out, stdout=text, kubernetes=KubernetesOptions(image=IMAGE))
+
+
+def test_checkpoints_go_on_the_shared_claim_and_every_pod_resumes(plan_files):
+    from trainplan.runtime.checkpoint import CheckpointOptions
+    from trainplan.runtime.launchers.command import Checkpointing
+    from trainplan.runtime.worker import checkpoint_options, parse_args
+
+    plan = load(Plan, plan_files["cpu_2x2"])
+    stream = render_kubernetes(plan, plan_files["cpu_2x2"], image=IMAGE, max_restarts=2, output_claim="runs",
+                               checkpoint=Checkpointing(every_steps=20, keep=4))
+    assert stream.startswith("# checkpoints: /trainplan/out/ckpt on PersistentVolumeClaim runs, mounted in every pod")
+    configmap, job = list(yaml.safe_load_all(stream))
+    assert pytorchjob_problems(job) == []
+    assert job["metadata"]["annotations"]["trainplan.dev/checkpoint-dir"] == "/trainplan/out/ckpt"
+    for role in ("Master", "Worker"):
+        volumes = {v["name"]: v for v in job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["volumes"]}
+        assert volumes["out"]["persistentVolumeClaim"] == {"claimName": "runs"}
+        rank = torchrun_args(pytorch_container(job, role)).training_script_args
+        assert checkpoint_options(parse_args(rank[2:])) == CheckpointOptions(
+            Path("/trainplan/out/ckpt"), every_steps=20, keep=4, resume_if_present=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "checkpoints on Kubernetes need --output-claim"),
+    ({"output_claim": "runs", "directory": "/data/ckpt"}, "use a folder under /trainplan/out"),
+    ({"output_claim": "runs", "directory": "/trainplan/out/../etc"}, "use a folder under /trainplan/out"),
+])
+def test_checkpoints_off_the_shared_volume_are_refused(plan_files, options, message):
+    from trainplan.runtime.launchers.command import Checkpointing
+
+    claim = options.pop("output_claim", None)
+    with pytest.raises(LaunchError, match=message):
+        render_pytorchjob(load(Plan, plan_files["cpu_2x2"]), plan_files["cpu_2x2"], image=IMAGE, output_claim=claim,
+                          checkpoint=Checkpointing(every_steps=5, **options))

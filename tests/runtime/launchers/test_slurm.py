@@ -159,3 +159,54 @@ def test_values_that_would_break_an_sbatch_line_are_refused(plan_files, tmp_path
     with pytest.raises(LaunchError) as err:
         render_slurm(load(Plan, plan_files["cpu_2x2"]), plan_files["cpu_2x2"], **options)
     assert message in str(err.value)
+
+
+def worker_checkpoint_options(rank_args: list[str]):
+    """What trainplan's worker makes of the per-rank command's flags."""
+    from trainplan.runtime.worker import checkpoint_options, parse_args
+
+    assert rank_args[:2] == ["-m", "trainplan.runtime.worker"]
+    return checkpoint_options(parse_args(rank_args[2:]))
+
+
+def test_checkpoint_flags_reach_every_worker_and_the_folder_is_marked_shared(plan_files, tmp_path, capsys):
+    from trainplan.runtime.checkpoint import CheckpointOptions
+    from trainplan.runtime.launchers import launch_main
+
+    ckpt = tmp_path / "shared" / "ckpt"
+    code = launch_main([str(plan_files["gpu_2x8"]), "--on", "slurm", "--dry-run", "--out", str(tmp_path / "run"),
+                        "--max-restarts", "2", "--checkpoint-every", "50", "--checkpoint-dir", str(ckpt),
+                        "--keep-checkpoints", "2", "--checkpoint-async"])
+    script = capsys.readouterr().out
+    assert code == 0
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True).returncode == 0
+    args = get_args_parser().parse_args(srun_torchrun_args(script))
+    assert args.max_restarts == 2
+    # A restarted or requeued job resumes: every worker gets --resume-if-present.
+    assert worker_checkpoint_options(args.training_script_args) == CheckpointOptions(
+        ckpt, every_steps=50, keep=2, resume_if_present=True, asynchronous=True)
+    assert f"#   {ckpt}\n#   must be on a shared file system every node sees" in script
+    assert not ckpt.exists()
+
+
+def test_submitting_refuses_a_checkpoint_folder_of_another_run_unless_resumed(plan_files, tmp_path, monkeypatch):
+    from tests.runtime.test_checkpoint import fake_checkpoint
+    from trainplan.runtime.checkpoint import CheckpointError
+    from trainplan.runtime.launchers.command import Checkpointing
+
+    stubs = stub_bin(tmp_path / "bin", sbatch=STUB_SBATCH)
+    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
+    monkeypatch.setenv("STUB_DIR", str(tmp_path))
+    out = tmp_path / "run"
+    fake_checkpoint(out / "ckpt", load(Plan, plan_files["cpu_2x2"]), 4)
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        launch(plan_files["cpu_2x2"], "slurm", out_dir=out, checkpoint=Checkpointing(every_steps=2))
+    assert not (tmp_path / "sbatch-args").exists()
+    text = io.StringIO()
+    assert launch(plan_files["cpu_2x2"], "slurm", out_dir=out, stdout=text,
+                  checkpoint=Checkpointing(every_steps=2, resume=True)) == 0
+    rank_args = get_args_parser().parse_args(srun_torchrun_args((out / "launch.sbatch").read_text())).training_script_args
+    options = worker_checkpoint_options(rank_args)
+    assert (options.directory, options.resume, options.resume_if_present) == (out / "ckpt", True, True)

@@ -6,7 +6,7 @@ rendezvous, ``devices_per_node`` workers per agent running :func:`worker_command
 request whose nodes x devices differ from the plan's (:mod:`.request`).
 """
 
-from trainplan.runtime.launchers.command import worker_command
+from trainplan.runtime.launchers.command import Checkpointing, worker_command
 from trainplan.runtime.launchers.dispatch import KubernetesOptions, SlurmOptions, launch, launch_main
 from trainplan.runtime.launchers.kubernetes import render_configmap, render_kubernetes, render_pytorchjob
 from trainplan.runtime.launchers.local import launch_local
@@ -14,6 +14,6 @@ from trainplan.runtime.launchers.request import DeviceCountError, LaunchError
 from trainplan.runtime.launchers.slurm import render_slurm
 
 __all__ = [
-    "DeviceCountError", "KubernetesOptions", "LaunchError", "SlurmOptions", "launch", "launch_local", "launch_main",
+    "Checkpointing", "DeviceCountError", "KubernetesOptions", "LaunchError", "SlurmOptions", "launch", "launch_local", "launch_main",
     "render_configmap", "render_kubernetes", "render_pytorchjob", "render_slurm", "worker_command",
 ]

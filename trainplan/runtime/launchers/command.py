@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 WORKER_MODULE = "trainplan.runtime.worker"
@@ -37,9 +38,48 @@ def default_out_dir(spec_name: str) -> Path:
     return Path("out") / spec_name / "run"
 
 
-def worker_command(plan_path: str, out_dir: str, *, python: str = "python") -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Checkpointing:
+    """Checkpoints of a launched run (``trainplan launch --checkpoint-every N ...``), as worker flags.
+
+    ``directory`` defaults to ``OUT/ckpt``; on Slurm and Kubernetes it must be on storage every node
+    sees. Workers always get ``--resume-if-present``: whatever restarts them — torchrun after a
+    failure (on any node: an agent that did not fail starts its workers again with restart count 0),
+    a requeued Slurm job, a restarted pod — they continue from the newest complete checkpoint.
+    ``resume`` requires one (``--resume``); without it a local or Slurm launch refuses a folder that
+    already holds checkpoints (checked before starting).
+    """
+
+    every_steps: int | None = None
+    every_minutes: float | None = None
+    directory: str | None = None
+    keep: int = 3
+    asynchronous: bool = False
+    resume: bool = False
+
+    def folder(self, out_dir: str) -> str:
+        return self.directory or f"{out_dir.rstrip('/')}/ckpt"
+
+    def worker_args(self, out_dir: str) -> list[str]:
+        """The flags of :mod:`trainplan.runtime.worker` that carry these settings (``out_dir`` as the worker sees it)."""
+        args = ["--checkpoint-dir", self.folder(out_dir), "--keep-checkpoints", str(self.keep)]
+        if self.every_steps:
+            args += ["--checkpoint-every", str(self.every_steps)]
+        if self.every_minutes:
+            args += ["--checkpoint-minutes", repr(self.every_minutes)]
+        args.append("--resume-if-present")
+        if self.resume:
+            args.append("--resume")
+        if self.asynchronous:
+            args.append("--checkpoint-async")
+        return args
+
+
+def worker_command(plan_path: str, out_dir: str, *, python: str = "python",
+                   checkpoint: Checkpointing | None = None) -> list[str]:
     """The program each rank runs: the plan's worker, writing metrics, summary and failures to ``out_dir``."""
-    return [python, "-m", WORKER_MODULE, "--run-dir", out_dir, "--plan", plan_path, "--out", out_dir]
+    command = [python, "-m", WORKER_MODULE, "--run-dir", out_dir, "--plan", plan_path, "--out", out_dir]
+    return command + (checkpoint.worker_args(out_dir) if checkpoint is not None else [])
 
 
 def torchrun_command(*, nnodes: int | str, nproc_per_node: int, endpoint: str, run_id: str,

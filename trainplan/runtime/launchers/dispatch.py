@@ -15,12 +15,12 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, TextIO, get_args
 
 from trainplan.ir.plan import Plan
-from trainplan.runtime.launchers.command import default_out_dir, free_port, worker_command
+from trainplan.runtime.launchers.command import Checkpointing, default_out_dir, free_port, worker_command
 from trainplan.runtime.launchers.kubernetes import (
     DEFAULT_PORT,
     MANIFEST_NAME,
@@ -29,7 +29,14 @@ from trainplan.runtime.launchers.kubernetes import (
     render_kubernetes,
 )
 from trainplan.runtime.launchers.local import LOOPBACK, launch_local, local_agents
-from trainplan.runtime.launchers.request import LaunchError, check_max_restarts, check_request, load_plan
+from trainplan.runtime.launchers.request import (
+    LaunchError,
+    check_checkpoint_folder,
+    check_checkpointing,
+    check_max_restarts,
+    check_request,
+    load_plan,
+)
 from trainplan.runtime.launchers.slurm import SCRIPT_NAME, render_slurm, submit_slurm
 
 Target = Literal["local", "slurm", "kubernetes"]
@@ -63,12 +70,13 @@ def launch(plan_path: str | Path, on: Target, *, dry_run: bool = False, nodes: i
            out_dir: str | Path | None = None, max_restarts: int = 0, python: str | None = None,
            command: Sequence[str] | None = None, slurm: SlurmOptions | None = None,
            kubernetes: KubernetesOptions | None = None, timeout_s: float | None = None,
-           stdout: TextIO | None = None) -> int:
+           stdout: TextIO | None = None, checkpoint: Checkpointing | None = None) -> int:
     """Launch (or with ``dry_run`` print) the plan at ``plan_path`` on ``on``; the exit code.
 
     ``out_dir`` (default ``out/<spec name>/run``) receives the run's results (local, Slurm) and the
     script or manifests written; ``command`` replaces the per-rank program; ``timeout_s`` bounds
-    a local run.
+    a local run; ``checkpoint`` saves checkpoints and makes every restart resume from the newest
+    complete one (:class:`~trainplan.runtime.launchers.command.Checkpointing`).
     """
     if on not in get_args(Target):
         raise LaunchError(f"--on must be one of {', '.join(get_args(Target))}, got {on!r}")
@@ -76,7 +84,7 @@ def launch(plan_path: str | Path, on: Target, *, dry_run: bool = False, nodes: i
     check_request(plan, nodes)
     job = _Launch(plan, Path(plan_path).resolve(), Path(out_dir or default_out_dir(plan.spec.name)).resolve(), dry_run,
                   nodes, check_max_restarts(max_restarts), python, None if command is None else list(command),
-                  stdout or sys.stdout)
+                  stdout or sys.stdout, check_checkpointing(checkpoint))
     if on == "local":
         return _local(job, timeout_s)
     if on == "slurm":
@@ -97,15 +105,18 @@ class _Launch:
     python: str | None
     command: list[str] | None
     stdout: TextIO
+    checkpoint: Checkpointing | None = None
 
 
 def _local(job: _Launch, timeout_s: float | None) -> int:
     python = job.python or sys.executable
     if not job.dry_run:
         return launch_local(job.plan_path, nodes=job.nodes, out_dir=job.out, max_restarts=job.max_restarts,
-                            command=job.command, timeout_s=timeout_s, python=python)
+                            command=job.command, timeout_s=timeout_s, python=python, checkpoint=job.checkpoint)
     shape = check_request(job.plan, job.nodes)
-    rank_command = job.command or worker_command(str(job.plan_path), str(job.out), python=python)
+    checkpoint = job.checkpoint and replace(job.checkpoint,
+                                            directory=str(Path(job.checkpoint.folder(str(job.out))).resolve()))
+    rank_command = job.command or worker_command(str(job.plan_path), str(job.out), python=python, checkpoint=checkpoint)
     agents = local_agents(shape, rank_command, out_dir=job.out, port=free_port(LOOPBACK),
                           run_id="trainplan-dry-run", max_restarts=job.max_restarts, python=python)
     print(f"# {shape.nodes} torchrun agents on this host, {shape.nproc_per_node} workers each "
@@ -119,10 +130,13 @@ def _local(job: _Launch, timeout_s: float | None) -> int:
 def _slurm(job: _Launch, options: SlurmOptions) -> int:
     script = render_slurm(job.plan, job.plan_path, out_dir=job.out, time=options.time, port=options.port,
                           partition=options.partition, account=options.account, max_restarts=job.max_restarts,
-                          python=job.python or sys.executable, command=job.command, nodes=job.nodes)
+                          python=job.python or sys.executable, command=job.command, nodes=job.nodes,
+                          checkpoint=job.checkpoint)
     if job.dry_run:
         print(script, end="", file=job.stdout)
         return 0
+    if job.checkpoint is not None:  # the folder is on a shared file system, so it is visible from here too
+        check_checkpoint_folder(job.plan, job.checkpoint, Path(job.checkpoint.folder(str(job.out))).resolve())
     job_id = submit_slurm(script, job.out)
     print(f"submitted Slurm job {job_id}: {job.out / SCRIPT_NAME}\n"
           f"Slurm's log: {job.out}/slurm-{job_id}.out; results: {job.out}", file=job.stdout)
@@ -133,7 +147,7 @@ def _kubernetes(job: _Launch, options: KubernetesOptions) -> int:
     manifests = render_kubernetes(job.plan, job.plan_path, image=options.image or "", namespace=options.namespace,
                                   max_restarts=job.max_restarts, time=options.time, port=options.port,
                                   output_claim=options.output_claim, command=job.command, nodes=job.nodes,
-                                  python=job.python or "python", name=options.name)
+                                  python=job.python or "python", name=options.name, checkpoint=job.checkpoint)
     if job.dry_run:
         print(manifests, end="", file=job.stdout)
         return 0
@@ -164,7 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="default", help="Kubernetes namespace (default: default)")
     p.add_argument("--output-claim", help="Kubernetes: PersistentVolumeClaim to keep the results in")
     p.add_argument("--name", help="Kubernetes: the PyTorchJob's name (default: from the spec's name)")
+    c = p.add_argument_group("checkpoints (every restart resumes from the newest complete one)")
+    c.add_argument("--checkpoint-every", type=int, metavar="N", help="save a sharded checkpoint every N steps")
+    c.add_argument("--checkpoint-minutes", type=float, metavar="M", help="also save when M minutes have passed")
+    c.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="checkpoint folder (default OUT/ckpt; Kubernetes: /trainplan/out/ckpt on --output-claim); "
+                   "on Slurm and Kubernetes it must be on storage every node sees")
+    c.add_argument("--keep-checkpoints", type=int, default=3, metavar="K", help="complete checkpoints to keep (default 3)")
+    c.add_argument("--checkpoint-async", action="store_true", help="write checkpoints while training continues")
+    c.add_argument("--resume", action="store_true",
+                   help="start from the newest complete checkpoint of the folder (without it a local or Slurm "
+                   "launch refuses a folder that already holds checkpoints)")
     return p
+
+
+def checkpointing_of(args: argparse.Namespace) -> Checkpointing | None:
+    """The launch's checkpoint settings from its flags; None without any."""
+    if not (args.checkpoint_every or args.checkpoint_minutes or args.resume or args.checkpoint_dir
+            or args.checkpoint_async or args.keep_checkpoints != 3):
+        return None
+    return Checkpointing(every_steps=args.checkpoint_every, every_minutes=args.checkpoint_minutes,
+                         directory=args.checkpoint_dir, keep=args.keep_checkpoints, asynchronous=args.checkpoint_async,
+                         resume=args.resume)
 
 
 def launch_main(argv: Sequence[str] | None = None) -> int:
@@ -175,4 +210,5 @@ def launch_main(argv: Sequence[str] | None = None) -> int:
     kubernetes = KubernetesOptions(image=args.image, namespace=args.namespace, time=args.time,
                                    port=args.port or DEFAULT_PORT, output_claim=args.output_claim, name=args.name)
     return launch(args.plan, args.on, dry_run=args.dry_run, nodes=args.nodes, out_dir=args.out,
-                  max_restarts=args.max_restarts, python=args.python, slurm=slurm, kubernetes=kubernetes)
+                  max_restarts=args.max_restarts, python=args.python, slurm=slurm, kubernetes=kubernetes,
+                  checkpoint=checkpointing_of(args))

@@ -20,17 +20,18 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
 from trainplan.ir.plan import Plan
-from trainplan.runtime.launchers.command import AGENT_ENV, RDZV_BACKEND, torchrun_command, worker_command
+from trainplan.runtime.launchers.command import AGENT_ENV, RDZV_BACKEND, Checkpointing, torchrun_command, worker_command
 from trainplan.runtime.launchers.request import (
     LaunchError,
     Shape,
+    check_checkpointing,
     check_max_restarts,
     check_port,
     check_request,
@@ -82,19 +83,23 @@ def render_configmap(plan_path: str | Path, *, job: str, namespace: str) -> dict
 def render_pytorchjob(plan: Plan, plan_path: str | Path, *, image: str, namespace: str = "default",
                       max_restarts: int = 0, time: str | None = None, port: int = DEFAULT_PORT,
                       output_claim: str | None = None, command: Sequence[str] | None = None,
-                      nodes: int | None = None, name: str | None = None, python: str = "python") -> dict[str, Any]:
+                      nodes: int | None = None, name: str | None = None, python: str = "python",
+                      checkpoint: Checkpointing | None = None) -> dict[str, Any]:
     """The PyTorchJob running ``plan``; its plan comes from the ConfigMap ``<name>-plan`` (:func:`render_configmap`).
 
     ``time`` (Slurm's forms, e.g. ``02:00:00``) becomes ``runPolicy.activeDeadlineSeconds``;
     ``command`` replaces the per-rank program (default :func:`worker_command`); ``python`` is the
-    container's interpreter.
+    container's interpreter. ``checkpoint`` adds the checkpoint flags to the worker; its folder
+    (default ``/trainplan/out/ckpt``) must be on the ``output_claim`` volume, which every pod mounts,
+    so the claim is required (ReadWriteMany when the job has several pods).
     """
     shape = check_request(plan, nodes)
     if not image:
         raise LaunchError("--image is required on Kubernetes: a container image with trainplan and torch installed")
     _dns_label(namespace, "--namespace")
+    checkpoint = _container_checkpoint(check_checkpointing(checkpoint), output_claim, command)
     if command is None:
-        command = worker_command(f"{PLAN_DIR}/{PLAN_KEY}", CONTAINER_OUT, python=python)
+        command = worker_command(f"{PLAN_DIR}/{PLAN_KEY}", CONTAINER_OUT, python=python, checkpoint=checkpoint)
     job = _Job(_dns_label(name, "--name") if name else job_name(plan), image, check_port(port),
                check_max_restarts(max_restarts), output_claim, list(command), python)
     spec: dict[str, Any] = {"runPolicy": _run_policy(max_restarts, time), "nprocPerNode": str(shape.nproc_per_node)}
@@ -104,8 +109,29 @@ def render_pytorchjob(plan: Plan, plan_path: str | Path, *, image: str, namespac
     spec["pytorchReplicaSpecs"] = {"Master": _replica(plan, shape, job, "Master", 1)}
     if shape.nodes > 1:
         spec["pytorchReplicaSpecs"]["Worker"] = _replica(plan, shape, job, "Worker", shape.nodes - 1)
-    return {"apiVersion": API_VERSION, "kind": "PyTorchJob", "metadata": _metadata(plan, plan_path, job, namespace),
-            "spec": spec}
+    metadata = _metadata(plan, plan_path, job, namespace)
+    if checkpoint is not None:
+        metadata["annotations"]["trainplan.dev/checkpoint-dir"] = checkpoint.folder(CONTAINER_OUT)
+        metadata["annotations"]["trainplan.dev/checkpoint-claim"] = str(output_claim)
+    return {"apiVersion": API_VERSION, "kind": "PyTorchJob", "metadata": metadata, "spec": spec}
+
+
+def _container_checkpoint(checkpoint: Checkpointing | None, output_claim: str | None,
+                          command: Sequence[str] | None) -> Checkpointing | None:
+    """The checkpoint settings with the folder as the containers see it, on the shared output volume."""
+    if checkpoint is None:
+        return None
+    if command is not None:
+        raise LaunchError("checkpoint flags apply to trainplan's worker, not to a replaced per-rank command")
+    if not output_claim:
+        raise LaunchError("checkpoints on Kubernetes need --output-claim: a PersistentVolumeClaim (ReadWriteMany for "
+                          f"several pods) mounted at {CONTAINER_OUT} in every pod; a pod's own emptyDir is not "
+                          "shared between pods and is lost when the pod goes")
+    folder = PurePosixPath(checkpoint.folder(CONTAINER_OUT))
+    if not folder.is_absolute() or not folder.is_relative_to(CONTAINER_OUT) or ".." in folder.parts:
+        raise LaunchError(f"--checkpoint-dir {folder}: on Kubernetes the checkpoints go on the output volume; use a "
+                          f"folder under {CONTAINER_OUT} (default {CONTAINER_OUT}/ckpt)")
+    return replace(checkpoint, directory=str(folder))
 
 
 def _metadata(plan: Plan, plan_path: str | Path, job: "_Job", namespace: str) -> dict[str, Any]:
@@ -119,7 +145,13 @@ def render_kubernetes(plan: Plan, plan_path: str | Path, **options: Any) -> str:
     """The ConfigMap and the PyTorchJob as one YAML stream, ready for ``kubectl apply -f -``."""
     job = render_pytorchjob(plan, plan_path, **options)
     configmap = render_configmap(plan_path, job=job["metadata"]["name"], namespace=job["metadata"]["namespace"])
-    return yaml.dump_all([configmap, job], Dumper=_BlockDumper, sort_keys=False, default_flow_style=False)
+    text = yaml.dump_all([configmap, job], Dumper=_BlockDumper, sort_keys=False, default_flow_style=False)
+    folder = job["metadata"]["annotations"].get("trainplan.dev/checkpoint-dir")
+    if folder is None:
+        return text
+    return (f"# checkpoints: {folder} on PersistentVolumeClaim {options['output_claim']}, mounted in every pod (a shared\n"
+            "# volume: every rank writes its shards there, rank 0 commits); a restarted pod or worker group resumes\n"
+            "# from the newest complete checkpoint there.\n" + text)
 
 
 class _BlockDumper(yaml.SafeDumper):

@@ -21,18 +21,27 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
 from trainplan.runtime.launchers.command import (
     AGENT_ENV,
+    Checkpointing,
     default_out_dir,
     free_port,
     torchrun_command,
     worker_command,
 )
-from trainplan.runtime.launchers.request import LaunchError, Shape, check_max_restarts, check_request, load_plan
+from trainplan.runtime.launchers.request import (
+    LaunchError,
+    Shape,
+    check_checkpoint_folder,
+    check_checkpointing,
+    check_max_restarts,
+    check_request,
+    load_plan,
+)
 
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 30.0
@@ -67,19 +76,29 @@ def local_agents(shape: Shape, rank_command: Sequence[str], *, out_dir: Path, po
 
 def launch_local(plan_path: str | Path, *, nodes: int | None = None, nproc_per_node: int | None = None,
                  out_dir: str | Path | None = None, max_restarts: int = 0, command: Sequence[str] | None = None,
-                 timeout_s: float | None = None, console: bool = True, python: str = sys.executable) -> int:
+                 timeout_s: float | None = None, console: bool = True, python: str = sys.executable,
+                 checkpoint: Checkpointing | None = None) -> int:
     """Run the plan as ``nodes`` local torchrun agents of ``nproc_per_node`` workers; 0 when all succeeded.
 
     ``nodes`` / ``nproc_per_node`` default to the plan's cluster and must match it
     (:class:`~trainplan.runtime.launchers.request.DeviceCountError` otherwise). ``command`` is what
     each rank runs (default :func:`worker_command`); ``timeout_s`` stops every agent after that
-    many seconds and returns 124.
+    many seconds and returns 124. ``checkpoint`` adds the checkpoint flags to the default worker
+    (a restart, of either agent's workers, resumes from the newest complete checkpoint); its folder
+    is checked first (:func:`~trainplan.runtime.launchers.request.check_checkpoint_folder`).
     """
     plan_path = Path(plan_path).resolve()
     plan = load_plan(plan_path)
     shape = check_request(plan, nodes, nproc_per_node)
     out = Path(out_dir or default_out_dir(plan.spec.name)).resolve()
-    rank_command = list(command) if command is not None else worker_command(str(plan_path), str(out), python=python)
+    checkpoint = check_checkpointing(checkpoint)
+    if checkpoint is not None:
+        if command is not None:
+            raise LaunchError("checkpoint flags apply to trainplan's worker, not to a replaced per-rank command")
+        checkpoint = replace(checkpoint, directory=str(Path(checkpoint.folder(str(out))).resolve()))
+        check_checkpoint_folder(plan, checkpoint, checkpoint.folder(str(out)))
+    rank_command = list(command) if command is not None else worker_command(str(plan_path), str(out), python=python,
+                                                                               checkpoint=checkpoint)
     agents = local_agents(shape, rank_command, out_dir=out, port=free_port(LOOPBACK),
                           run_id=f"trainplan-{uuid.uuid4().hex[:8]}",
                           max_restarts=check_max_restarts(max_restarts), python=python)

@@ -12,10 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainplan.errors import TrainplanError
 from trainplan.ir.loading import read_yaml, validate
 from trainplan.ir.plan import Plan
+
+if TYPE_CHECKING:
+    from trainplan.runtime.launchers.command import Checkpointing
 
 
 class LaunchError(TrainplanError):
@@ -132,3 +136,31 @@ def time_limit_s(text: str) -> int:
         f"--time {text!r} is not a time limit; use Slurm's forms: HH:MM:SS (e.g. 01:00:00), MM, MM:SS, "
         "D-HH, D-HH:MM or D-HH:MM:SS, longer than zero"
     )
+
+
+def check_checkpointing(checkpoint: "Checkpointing | None") -> "Checkpointing | None":
+    """``checkpoint`` if its settings are valid (positive interval and count)."""
+    if checkpoint is None:
+        return None
+    if checkpoint.every_steps is not None and checkpoint.every_steps < 1:
+        raise LaunchError(f"--checkpoint-every must be a positive number of steps, got {checkpoint.every_steps}")
+    if checkpoint.every_minutes is not None and not checkpoint.every_minutes > 0:
+        raise LaunchError(f"--checkpoint-minutes must be positive, got {checkpoint.every_minutes}")
+    if checkpoint.keep < 1:
+        raise LaunchError(f"--keep-checkpoints must be at least 1, got {checkpoint.keep}")
+    if not (checkpoint.every_steps or checkpoint.every_minutes or checkpoint.resume):
+        raise LaunchError("--checkpoint-dir, --keep-checkpoints and --checkpoint-async need --checkpoint-every N "
+                          "or --checkpoint-minutes M (or --resume)")
+    if checkpoint.asynchronous and not (checkpoint.every_steps or checkpoint.every_minutes):
+        raise LaunchError("--checkpoint-async needs --checkpoint-every N or --checkpoint-minutes M")
+    return checkpoint
+
+
+def check_checkpoint_folder(plan: Plan, checkpoint: "Checkpointing", folder: str | Path) -> None:
+    """Before starting (local) or submitting (Slurm): ``--resume`` has a complete checkpoint to load, a fresh
+    launch does not write into a folder holding another run's checkpoints, and the plan can checkpoint."""
+    from trainplan.runtime.checkpoint import CheckpointOptions, check_checkpoint_dir
+
+    check_checkpoint_dir(CheckpointOptions(Path(folder), every_steps=checkpoint.every_steps,
+                                           every_minutes=checkpoint.every_minutes, keep=checkpoint.keep,
+                                           resume=checkpoint.resume), plan)

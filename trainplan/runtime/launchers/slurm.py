@@ -15,11 +15,19 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from trainplan.ir.plan import Plan
-from trainplan.runtime.launchers.command import AGENT_ENV, torchrun_command, worker_command
-from trainplan.runtime.launchers.request import LaunchError, check_max_restarts, check_port, check_request, time_limit_s
+from trainplan.runtime.launchers.command import AGENT_ENV, Checkpointing, torchrun_command, worker_command
+from trainplan.runtime.launchers.request import (
+    LaunchError,
+    check_checkpointing,
+    check_max_restarts,
+    check_port,
+    check_request,
+    time_limit_s,
+)
 
 SCRIPT_NAME = "launch.sbatch"
 EXIT_WRONG_ALLOCATION = 2
@@ -33,24 +41,31 @@ _SHELL = {_NNODES: '"$SLURM_NNODES"', _HEAD: '"$head_node"', _JOB: '"$SLURM_JOB_
 def render_slurm(plan: Plan, plan_path: str | Path, *, out_dir: str | Path, time: str = "01:00:00",
                  port: int = 29500, partition: str | None = None, account: str | None = None,
                  max_restarts: int = 0, python: str = "python", command: Sequence[str] | None = None,
-                 nodes: int | None = None) -> str:
+                 nodes: int | None = None, checkpoint: Checkpointing | None = None) -> str:
     """The sbatch script that runs ``plan`` (stored at ``plan_path``) on the plan's nodes.
 
     ``out_dir`` receives the workers' results and Slurm's own log (``slurm-<job id>.out``);
     ``command`` replaces the per-rank program (default :func:`worker_command`); ``nodes``, when
-    given, must be the plan's node count.
+    given, must be the plan's node count. ``checkpoint`` adds the checkpoint flags to the worker
+    (its folder, default ``OUT/ckpt``, must be on a file system every node sees).
     """
     shape = check_request(plan, nodes)
     time_limit_s(time)
     check_port(port)
     plan_path, out = str(Path(plan_path).resolve()), str(Path(out_dir).resolve())
-    rank_command = list(command) if command is not None else worker_command(plan_path, out, python=python)
+    checkpoint = check_checkpointing(checkpoint)
+    if checkpoint is not None:
+        if command is not None:
+            raise LaunchError("checkpoint flags apply to trainplan's worker, not to a replaced per-rank command")
+        checkpoint = replace(checkpoint, directory=str(Path(checkpoint.folder(out)).resolve()))
+    rank_command = list(command) if command is not None else worker_command(plan_path, out, python=python,
+                                                                               checkpoint=checkpoint)
     agent = torchrun_command(nnodes=_NNODES, nproc_per_node=shape.nproc_per_node, endpoint=f"{_HEAD}:{port}",
                              run_id=_JOB, rank_command=rank_command,
                              max_restarts=check_max_restarts(max_restarts), python=python)
     lines = ["#!/bin/bash", *_directives(plan, shape.nodes, shape.nproc_per_node, shape.gpus, time, out,
                                            partition, account), ""]
-    lines += _body(plan, shape.nodes, shape.nproc_per_node, agent)
+    lines += _body(plan, shape.nodes, shape.nproc_per_node, agent, checkpoint)
     return "\n".join(lines) + "\n"
 
 
@@ -78,13 +93,28 @@ def _directive_value(value: str, what: str) -> str:
     return value
 
 
-def _body(plan: Plan, nodes: int, nproc: int, agent: list[str]) -> list[str]:
+def _checkpoint_comment(checkpoint: Checkpointing | None) -> list[str]:
+    if checkpoint is None:
+        return []
+    when = " and ".join(part for part in (
+        f"every {checkpoint.every_steps} steps" if checkpoint.every_steps else "",
+        f"every {checkpoint.every_minutes:g} minutes" if checkpoint.every_minutes else "") if part) or "none new"
+    return [
+        f"# checkpoints ({when}, the last {checkpoint.keep} kept{', written asynchronously' * checkpoint.asynchronous}):",
+        f"#   {checkpoint.directory}",
+        "#   must be on a shared file system every node sees (each rank writes its own shards there; rank 0",
+        "#   commits). A restart (--max-restarts) or a requeued job resumes from the newest complete checkpoint.",
+    ]
+
+
+def _body(plan: Plan, nodes: int, nproc: int, agent: list[str], checkpoint: Checkpointing | None = None) -> list[str]:
     mesh = plan.mesh
     what = "GPUs" if plan.spec.cluster.backend == "nccl" else "CPU processes"
     command = _continued(agent)
     return [
         f"# trainplan plan '{plan.spec.name}' (spec {plan.spec_hash[:12]}): mesh pp={mesh.pp} x dp={mesh.dp} "
         f"x tp={mesh.tp} on {nodes} nodes x {nproc} {what} ({plan.spec.cluster.backend})",
+        *_checkpoint_comment(checkpoint),
         "set -euo pipefail",
         f'if [ "${{SLURM_NNODES:-0}}" -ne {nodes} ]; then',
         f'    echo "trainplan: the plan needs {nodes} nodes but the job has ${{SLURM_NNODES:-none}}; '
