@@ -31,6 +31,7 @@ from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import build_mesh, check_world_size
 from trainplan.runtime.data_parallel import own_exchange
 from trainplan.runtime.parallelize import build_rank_model, check_layout, check_structure
+from trainplan.runtime.stores import join_process_group
 from trainplan.runtime.train import Trainer
 
 
@@ -91,7 +92,7 @@ def ensure_process_group(backend: str, timeout_s: float) -> None:
     launched_world_size()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    join_process_group(backend, timedelta(seconds=timeout_s))
 
 
 def _process_group(plan: Plan) -> None:

@@ -33,6 +33,7 @@ from trainplan.runtime.checkpoint import CheckpointOptions, check_checkpoint_dir
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import check_world_size
 from trainplan.runtime.parallelize import check_plan
+from trainplan.runtime.stores import loopback_rendezvous
 from trainplan.runtime.train import run_reference
 
 __all__ = ["launch", "launch_sweep", "run_reference", "failure_summary"]
@@ -114,19 +115,20 @@ def launch_sweep(plans: Sequence[Plan], *, nproc: int, out_dirs: Sequence[str | 
     if save_params:
         args.append("--save-params")
     args += list(worker_args)
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"trainplan-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts, monitor_interval=0.1,
-        logs_specs=DefaultLogsSpecs(log_dir=str(run / "logs"), redirects=Std.ALL, tee={0: Std.OUT}),
-    )
-    try:
-        with _restart_env(max_restarts):
-            elastic_launch(config, sys.executable)(*args)
-    except ChildFailedError as exc:
-        message = failure_summary(run, {rank: f.exitcode for rank, f in exc.failures.items()}, nproc)
-        (run / "error.txt").write_text(message + "\n")
-        print(message, file=sys.stderr)
-        return 1
+    with loopback_rendezvous() as endpoint:  # the agent's store listens on 127.0.0.1 only (trainplan.runtime.stores)
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"trainplan-{uuid.uuid4().hex[:8]}",
+            rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=max_restarts, monitor_interval=0.1,
+            logs_specs=DefaultLogsSpecs(log_dir=str(run / "logs"), redirects=Std.ALL, tee={0: Std.OUT}),
+        )
+        try:
+            with _restart_env(max_restarts):
+                elastic_launch(config, sys.executable)(*args)
+        except ChildFailedError as exc:
+            message = failure_summary(run, {rank: f.exitcode for rank, f in exc.failures.items()}, nproc)
+            (run / "error.txt").write_text(message + "\n")
+            print(message, file=sys.stderr)
+            return 1
     return 0
 
 

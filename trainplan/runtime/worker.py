@@ -39,6 +39,7 @@ from trainplan.runtime.data_parallel import parse_straggler
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import build_mesh, check_world_size
 from trainplan.runtime.parallelize import check_plan
+from trainplan.runtime.stores import join_process_group
 from trainplan.runtime.train import train
 
 PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out",
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace, current: list[Path]) -> None:
     device = select_device(backend, env_int("LOCAL_RANK", 0))
     timeout = timedelta(seconds=min(plan.collective_timeout_s for plan in plans))
     checkpoint = checkpoint_options(args)
-    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    join_process_group(backend, timeout, device)
     for plan, path, out in zip(plans, args.plan, args.out):
         current[:] = [path]
         mesh = build_mesh(plan.mesh, device=device, timeout_s=plan.collective_timeout_s)

@@ -29,7 +29,6 @@ from trainplan.runtime.launchers.command import (
     AGENT_ENV,
     Checkpointing,
     default_out_dir,
-    free_port,
     torchrun_command,
     worker_command,
 )
@@ -42,8 +41,8 @@ from trainplan.runtime.launchers.request import (
     check_request,
     load_plan,
 )
+from trainplan.runtime.stores import LOOPBACK, loopback_rendezvous
 
-LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 30.0
 """How long an agent may take to stop its workers after SIGTERM before it is killed."""
 
@@ -59,13 +58,18 @@ class LocalAgent:
 
 
 def local_agents(shape: Shape, rank_command: Sequence[str], *, out_dir: Path, port: int, run_id: str,
-                 max_restarts: int = 0, python: str = sys.executable) -> list[LocalAgent]:
-    """The ``shape.nodes`` agents of a local launch; node 0 hosts the rendezvous on ``127.0.0.1:port``."""
+                 max_restarts: int = 0, python: str = sys.executable, host_node: int | None = 0) -> list[LocalAgent]:
+    """The ``shape.nodes`` agents of a local launch, meeting at ``127.0.0.1:port``.
+
+    ``host_node`` hosts the rendezvous store; ``None`` makes every agent a client of a store the
+    caller already serves there (:func:`launch_local` does, bound to loopback only, because
+    torch's own store listens on every interface).
+    """
     env = {**AGENT_ENV, **_loopback_env()}
     gpus = _gpu_sets(shape) if shape.gpus else [None] * shape.nodes
     agents = []
     for node in range(shape.nodes):
-        extra = ["--local-addr", LOOPBACK, "--rdzv-conf", f"is_host={int(node == 0)}"]
+        extra = ["--local-addr", LOOPBACK, "--rdzv-conf", f"is_host={int(node == host_node)}"]
         argv = torchrun_command(nnodes=shape.nodes, nproc_per_node=shape.nproc_per_node,
                                 endpoint=f"{LOOPBACK}:{port}", run_id=run_id, rank_command=rank_command,
                                 max_restarts=max_restarts, python=python, extra=extra)
@@ -99,12 +103,14 @@ def launch_local(plan_path: str | Path, *, nodes: int | None = None, nproc_per_n
         check_checkpoint_folder(plan, checkpoint, checkpoint.folder(str(out)))
     rank_command = list(command) if command is not None else worker_command(str(plan_path), str(out), python=python,
                                                                                checkpoint=checkpoint)
-    agents = local_agents(shape, rank_command, out_dir=out, port=free_port(LOOPBACK),
-                          run_id=f"trainplan-{uuid.uuid4().hex[:8]}",
-                          max_restarts=check_max_restarts(max_restarts), python=python)
+    max_restarts = check_max_restarts(max_restarts)
     shutil.rmtree(out / "agents", ignore_errors=True)  # a previous launch's logs, maybe of more nodes
     (out / "agents").mkdir(parents=True)
-    return run_agents(agents, timeout_s=timeout_s, console=console)
+    with loopback_rendezvous() as endpoint:  # this process serves the rendezvous, on loopback only
+        agents = local_agents(shape, rank_command, out_dir=out, port=int(endpoint.rsplit(":", 1)[1]),
+                              run_id=f"trainplan-{uuid.uuid4().hex[:8]}", max_restarts=max_restarts,
+                              python=python, host_node=None)
+        return run_agents(agents, timeout_s=timeout_s, console=console)
 
 
 def run_agents(agents: Sequence[LocalAgent], *, timeout_s: float | None = None, console: bool = True) -> int:
