@@ -88,7 +88,7 @@ def main() -> None:
     base = root / "base"
     code = launch(dp2, nproc=2, out_dir=base, save_params=True, checkpoint=CheckpointOptions(base / "ckpt", every_steps=EVERY))
     assert code == 0, (base / "error.txt").read_text()
-    saves = [float(r["save_s"]) for r in records(base / "checkpoints.jsonl")]
+    saves = [float(r["save_s"]) for r in records(base / "checkpoints.jsonl") if "save_s" in r]  # not the "finish" line
     size = sum(f.stat().st_size for f in next((base / "ckpt").iterdir()).iterdir())
     rows: list[dict[str, object]] = []
     for i in range(args.repeats):

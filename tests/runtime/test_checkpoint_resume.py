@@ -146,3 +146,21 @@ def test_async_saves_killed_mid_write_never_commit_and_the_restart_matches(root)
     # Attempt 1 committed 1 and 2 (3 was in flight when rank 1 died); the restart committed 3 and 4.
     assert [r["step"] for r in saves if "step" in r] == [1, 2, 3, 4] and all(r["asynchronous"] for r in saves)
     assert_identical(out, root / "base-dp2")
+
+
+def test_stopped_rank_times_out_restarts_and_matches_the_uninterrupted_run(root):
+    """Rank 1 SIGSTOPs itself before step 3 (a hang): rank 0's collective times out after 5 s, the
+    launcher continues the stopped worker so the agent's SIGTERM lands, and the restart resumes."""
+    out = root / "stopped-dp2"
+    plan = make_plan(gpt_spec(2, steps=STEPS), dp=2, collective_timeout_s=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRAINPLAN_FAULT", "stop:rank=1:step=3")
+        code = launch(plan, nproc=2, out_dir=out, save_params=True, max_restarts=1,
+                      checkpoint=CheckpointOptions(out / "ckpt", every_steps=2))
+    assert code == 0, (out / "error.txt").read_text()
+    fault = json.loads((out / "faults.jsonl").read_text())
+    resume = json.loads((out / "resumes.jsonl").read_text())
+    assert (fault["rank"], fault["step"], resume["from_step"], resume["restart"]) == (1, 3, 2, 1)
+    print(f"\nSIGSTOP rank 1 before step 3: recovered in {(resume['time_ns'] - fault['time_ns']) / 1e9:.2f} s "
+          "(collective timeout 5 s)")
+    assert_identical(out, root / "base-dp2")

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -122,7 +123,7 @@ def launch_sweep(plans: Sequence[Plan], *, nproc: int, out_dirs: Sequence[str | 
             logs_specs=DefaultLogsSpecs(log_dir=str(run / "logs"), redirects=Std.ALL, tee={0: Std.OUT}),
         )
         try:
-            with _restart_env(max_restarts):
+            with _restart_env(max_restarts), _wake_stopped_workers(run / "failures"):
                 elastic_launch(config, sys.executable)(*args)
         except ChildFailedError as exc:
             message = failure_summary(run, {rank: f.exitcode for rank, f in exc.failures.items()}, nproc)
@@ -151,6 +152,46 @@ def _restart_env(max_restarts: int) -> Iterator[None]:
             os.environ.pop(SHARE_STORE_ENV, None)
         else:
             os.environ[SHARE_STORE_ENV] = old
+
+
+def child_pids(parent: int) -> list[int]:
+    """Processes whose parent is ``parent`` (from Linux's /proc; empty elsewhere)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == parent:  # fields after "(comm)": state, ppid, ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@contextlib.contextmanager
+def _wake_stopped_workers(failures: Path, poll_s: float = 0.2) -> Iterator[None]:
+    """Once a worker has recorded a failure, send SIGCONT to every worker, again and again.
+
+    A stopped (SIGSTOP-ed, hung in the kernel's eyes) worker cannot act on the SIGTERM the agent
+    sends the group after a failure: the signal waits until the process continues, and the agent
+    waits 30 s before its SIGKILL. Continuing it lets the SIGTERM land at once, so a stopped rank
+    costs the collective timeout, not the timeout plus 30 s. SIGCONT does nothing to a running process.
+    """
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if failures.is_dir() and any(failures.iterdir()):
+                for pid in child_pids(os.getpid()):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=watch, name="trainplan-wake-stopped", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _prepare_run_dir(run: Path) -> None:
