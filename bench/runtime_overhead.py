@@ -5,7 +5,9 @@ the same threads per process. Ours: ``launch(plan)`` with a hand-written dp=2, Z
 ``summary.json`` gives the median step time (steps after the first). The baseline: this file run
 under ``torch.distributed.run`` with ``--baseline-worker``: ``init_process_group``, the model, DDP,
 Adam and a timed loop, nothing else. Each is repeated; the table shows the median samples/s of
-each and their ratio (ours / baseline: 1.0 means no overhead), and the last line is JSON.
+each and their ratio (ours / baseline: 1.0 means no overhead). Then a pp=2 run (GPipe and 1F1B, 4
+micro-batches, one sweep) compares each rank's measured pipeline bubble with the planner's schedule
+simulator fed the measured stage times. The last line is JSON.
 
     .venv/bin/python bench/runtime_overhead.py [--repeats 3] [--steps 20]
 """
@@ -62,6 +64,45 @@ def dp_plan(s: Spec) -> Plan:
                      "mfu": 0.0, "memory_per_device_bytes": 0, "memory_breakdown": memory, "comm_time_s": {},
                      "bubble_fraction": 0.0},
     })
+
+
+def pp_plan(s: Spec, schedule: str, microbatches: int) -> Plan:
+    """The planner's pp=2 plan of the model with the schedule and micro-batch count fixed (one replica)."""
+    from trainplan import api
+
+    fixed = {"pp": 2, "dp": 1, "tp": 1, "micro_batch": GLOBAL_BATCH // microbatches, "schedule": schedule,
+             "zero": 0, "recompute": "none"}
+    return api.plan(s.model_copy(update={"parallel": s.parallel.model_copy(update=fixed)}))[0]
+
+
+def pipeline_bubbles(steps: int, folder: Path, microbatches: int = 4) -> list[dict[str, object]]:
+    """Each pp=2 schedule's measured bubble next to the schedule simulator's, fed the measured stage times.
+
+    The runtime measures, per rank and step, the time inside its stage's forwards and backwards and
+    the idle rest of the micro-batch phase (trainplan.runtime.measure). The planner's event
+    simulator (trainplan.planner.schedule.simulate) is given each rank's measured per-micro-batch
+    forward and backward times and no transfer time; its idle time per rank is the predicted bubble.
+    """
+    from trainplan.planner.schedule import compiled, simulate
+    from trainplan.runtime.launch import launch_sweep
+
+    schedules = ["gpipe", "1f1b"]
+    outs = [folder / f"pp2-{name}" for name in schedules]
+    plans = [pp_plan(spec(steps), name, microbatches) for name in schedules]
+    if launch_sweep(plans, nproc=2, out_dirs=outs, run_dir=folder / "pp2") != 0:
+        raise SystemExit((folder / "pp2" / "error.txt").read_text())
+    rows = []
+    for name, out in zip(schedules, outs):
+        ranks = json.loads((out / "summary.json").read_text())["time"]["ranks"]
+        phase = {r["rank"]: {k: v["measured"] for k, v in r["phases"].items()} for r in ranks}
+        fwd = [[phase[r]["forward"] / microbatches] for r in (0, 1)]
+        bwd = [[phase[r]["backward"] / microbatches] for r in (0, 1)]
+        timeline = simulate(compiled(name, 2, microbatches), fwd, bwd)
+        for r in (0, 1):
+            predicted = timeline.makespan - timeline.busy[r]
+            rows.append({"schedule": name, "rank": r, "measured_bubble_s": phase[r]["bubble"],
+                         "predicted_bubble_s": predicted, "ratio": phase[r]["bubble"] / predicted if predicted else None})
+    return rows
 
 
 def ours(steps: int, folder: Path) -> float:
@@ -126,6 +167,7 @@ def main() -> None:
         for i in range(args.repeats):  # alternate, so drifts in machine load hit both alike
             runs["trainplan"].append(ours(args.steps, Path(tmp) / f"ours-{i}"))
             runs["hand-written DDP"].append(baseline(args.steps, Path(tmp)))
+        bubbles = pipeline_bubbles(args.steps, Path(tmp))
     medians = {name: statistics.median(values) for name, values in runs.items()}
     ratio = medians["trainplan"] / medians["hand-written DDP"]
     print(f"GPT {MODEL}, global batch {GLOBAL_BATCH}, dp={NPROC} on gloo, {args.steps} steps, {args.repeats} repeats")
@@ -133,9 +175,17 @@ def main() -> None:
     for name, values in runs.items():
         print(f"{name:<18} {medians[name]:>19.1f}  {', '.join(f'{v:.1f}' for v in values)}")
     print(f"ratio trainplan / hand-written: {ratio:.3f}")
+    print("\npp=2, 4 micro-batches: bubble per step (s), measured vs simulated from the measured stage times")
+    print(f"{'schedule':<8} {'rank':>4} {'measured':>9} {'simulated':>10} {'ratio':>6}")
+    for row in bubbles:
+        ratio_text = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        print(f"{row['schedule']:<8} {row['rank']:>4} {row['measured_bubble_s']:>9.4f} {row['predicted_bubble_s']:>10.4f} "
+              f"{ratio_text:>6}")
     print(json.dumps({"bench": "runtime_overhead", "nproc": NPROC, "model": MODEL, "global_batch": GLOBAL_BATCH,
                       "steps": args.steps, "repeats": args.repeats,
-                      "samples_per_s": {k: round(v, 2) for k, v in medians.items()}, "ratio": round(ratio, 4)}))
+                      "samples_per_s": {k: round(v, 2) for k, v in medians.items()}, "ratio": round(ratio, 4),
+                      "pp2_bubbles": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+                                      for row in bubbles]}))
 
 
 if __name__ == "__main__":
