@@ -48,7 +48,13 @@ def test_verify_passes_a_good_plan_and_fails_a_perturbed_run(tmp_path: Path, mon
     assert main(["verify", str(path), "--steps", "2", "-o", str(tmp_path / "good")]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "dp=2" in out and "pp=2" in out and "zero=1" in out
-    monkeypatch.setenv(PERTURB_ENV, "1")  # test aid: rank 1 adds 1e-2 to a gradient before each step
-    assert main(["verify", str(path), "--steps", "2", "-o", str(tmp_path / "bad")]) == 1
+    # The wrong run on 2 processes (half the start-up of 4; the comparison does not depend on the
+    # layout): dp=2 with ZeRO-1, so rank 1's wrong update of its optimizer partition reaches the
+    # parameters rank 0 saves as well as the losses.
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(big_plan(dp=8, tp=1, pp=1, zero=1).model_dump(mode="json", by_alias=True)))
+    monkeypatch.setenv(PERTURB_ENV, "1")  # test aid: rank 1 adds 1e-2 to its gradients before each step
+    assert main(["verify", str(small), "--steps", "2", "-o", str(tmp_path / "bad")]) == 1
     out = capsys.readouterr().out
-    assert "FAIL" in out and "differ" in out
+    assert "dp=2" in out and "zero=1" in out and "on 2 processes" in out
+    assert "FAIL" in out and "differ" in out and "step 1: loss" in out  # parameters and the second step's loss

@@ -136,8 +136,9 @@ def tp_replicated_params(graph: OpGraph) -> list[int]:
     from trainplan.planner.build_plan import CATALOGUE_TP_STYLES  # the styles the plan will carry
 
     styles = dict(CATALOGUE_TP_STYLES)
-    if any(m == "head.lm_head" for u in graph.units for m in u.modules):  # bert's MLM head (build_plan.tp_styles)
-        styles["head.lm_head"] = styles.pop("lm_head")
+    names = {m for u in graph.units for m in u.modules}
+    if "lm_head" not in names and ("head.lm_head" in names or "head" in names):  # bert's MLM head: the
+        styles["head.lm_head"] = styles.pop("lm_head")  # same condition as build_plan.tp_styles (unit "head")
     numel = {p.name: p.numel for p in graph.parameters}
     seen: set[str] = set()
     out = []

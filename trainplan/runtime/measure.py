@@ -17,8 +17,11 @@ tensors this rank holds — the local block of a DTensor, FSDP2's padded shard, 
   copy at ZeRO-2.
 * ``activations``: the peak bytes saved for backward by the autograd graph across the micro-batches
   in flight, seen through :func:`torch.autograd.graph.saved_tensors_hooks` (unique storages,
-  parameters and views of parameters excluded). Tensors a recomputed region saves again during
-  backward are not seen (the checkpoint's own hooks hold them), nor the checkpoint's stored inputs.
+  parameters and views of parameters excluded), plus the outputs ``recompute: selective`` caches
+  in forward (the checkpoint holds those outside the hooks; the policy reports them,
+  :func:`trainplan.runtime.recompute.observe_saved_outputs`, until backward reaches the block).
+  Tensors a recomputed region saves again during backward are not seen (the checkpoint's own
+  hooks hold them), nor the checkpoint's stored inputs.
 * ``gathered_params`` (ZeRO-3): parameters FSDP2 all-gathered and still held at the end of a
   micro-batch's forward (FSDP2 keeps the root module's gathered after forward); no estimate.
 * ``comm_buffers``: DDP's gradient buckets (``_get_ddp_logging_data()["bucket_sizes"]``); no estimate.
@@ -56,6 +59,8 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+
+from trainplan.runtime.recompute import observe_saved_outputs
 
 WARN_OVER = 0.10  # warn when a measurement exceeds its estimate by more than this fraction
 MODEL_STATES = ("params", "grads", "optimizer")
@@ -141,7 +146,8 @@ class SavedTensorTracker:
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+        # Also the outputs selective recomputation caches (they bypass the saved-tensor hooks).
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack), observe_saved_outputs(self.pack):
             yield
 
 
