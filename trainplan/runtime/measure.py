@@ -3,7 +3,8 @@
 A :class:`Meter` attaches to a :class:`~trainplan.runtime.train.Trainer` (it wraps the trainer's
 micro-batch phase and optimizer step on the instance; nothing else changes) and records, per step:
 
-Memory, in bytes, each counted once per storage (a tensor and its views share one), from the
+Memory is sampled in the first :data:`MEMORY_SAMPLE_STEPS` steps (shapes are static, so later steps
+repeat them), times in every step. Memory, in bytes, each counted once per storage (a tensor and its views share one), from the
 tensors this rank holds — the local block of a DTensor, FSDP2's padded shard, the partition of
 ``ZeroRedundancyOptimizer`` — in the planner's terms (:mod:`trainplan.planner.cost.memory`,
 ``MemoryBreakdown`` in :mod:`trainplan.ir.plan`):
@@ -63,6 +64,11 @@ from torch.nn.parallel import DistributedDataParallel
 from trainplan.runtime.recompute import observe_saved_outputs
 
 WARN_OVER = 0.10  # warn when a measurement exceeds its estimate by more than this fraction
+# Memory is sampled in the first steps only: with static shapes every step after the first holds the
+# same tensors (the first has no optimizer state yet), so three steps see every peak, and the hooks'
+# Python work (~8% of a small CPU model's step) is not paid for the rest of the run. Times are
+# taken every step.
+MEMORY_SAMPLE_STEPS = 3
 MODEL_STATES = ("params", "grads", "optimizer")
 
 
@@ -223,7 +229,7 @@ class Meter:
         def measured_micro(inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> list[float]:
             self._current, self._last_forward_end = StepTimes(), None
             start = time.perf_counter()
-            with self.tracker.track():
+            with self.tracker.track() if self.sampling else contextlib.nullcontext():
                 losses = micro(inputs, targets)
             end = time.perf_counter()
             self._current.micro = end - start
@@ -282,7 +288,7 @@ class Meter:
 
     def _sample_gathered(self) -> None:
         """Parameters registered on the modules now that are not the optimizer's (FSDP2's gathered copies)."""
-        if self.plan.zero not in (2, 3):
+        if self.plan.zero not in (2, 3) or not self.sampling:
             return
         own = {id(p) for p in self._persistent()}
         gathered = [p for p in self.rank_model.parameters() if id(p) not in own]
@@ -291,7 +297,14 @@ class Meter:
     def _max(self, name: str, value: int) -> None:
         self.peak[name] = max(self.peak.get(name, 0), int(value))
 
+    @property
+    def sampling(self) -> bool:
+        """Whether this step's memory is measured (the first :data:`MEMORY_SAMPLE_STEPS` steps)."""
+        return len(self.steps) < MEMORY_SAMPLE_STEPS
+
     def _after_backward(self) -> None:
+        if not self.sampling:
+            return
         grads = [p.grad for p in self._persistent() if p.grad is not None]
         self._max("grads", unique_bytes(grads))
         self._max("activations", self.tracker.peak)
@@ -299,6 +312,9 @@ class Meter:
         self._max("comm_buffers", ddp_bucket_bytes(self.rank_model.modules.values()))
 
     def _after_step(self) -> None:
+        if not self.sampling:
+            self.steps.append(self._current)
+            return
         persistent = unique_bytes(self._persistent())
         state = unique_bytes(optimizer_state_tensors(self.rank_model.optimizer))
         if self.plan.zero == 2:
@@ -322,6 +338,10 @@ class Meter:
     # ------------------------------------------------------------------ results
     def rank_record(self) -> dict[str, Any]:
         """This rank's measurements: memory peaks and median step phases (after the first step)."""
+        device = self.trainer.mesh.device
+        if device.type == "cuda":  # torch's running peaks cover the whole run, not only the sampled steps
+            self._max("cuda_max_allocated", torch.cuda.max_memory_allocated(device))
+            self._max("cuda_max_reserved", torch.cuda.max_memory_reserved(device))
         memory = {k: v for k, v in self.peak.items() if k != "gathered_sample"}
         memory["model_states"] = sum(memory.get(k, 0) for k in MODEL_STATES)
         steps = self.steps[1:] or self.steps
