@@ -1,7 +1,9 @@
 """Consistency modes against a straggler: samples/s and the loss reached within a wall-clock budget.
 
 Modes (4 gloo processes, one replica each, a small GPT, Adam): ``sync`` (DDP), the parameter
-server ``ps`` synchronous and ``async`` with staleness bound s = 0, 2, 8, and local SGD with H = 4.
+server ``ps`` synchronous and ``async`` with staleness bound s = 0, 2, 8, local SGD with H = 4, and
+the synchronous parameter server on dedicated server ranks (``ps sync 2+2 ded.``: of the 4
+processes, 2 are workers with twice the rows each and 2 only serve).
 Each runs twice: as is, and with a 2x straggler — rank 1 sleeps every step as long as the median
 synchronous step takes (``--straggler 1:T``), so it needs about twice as long per step.
 
@@ -40,15 +42,26 @@ MODES: dict[str, dict[str, Any]] = {
     "async s=8": {"allreduce": "ps", "sync": "async", "comm": {"staleness": 8}},
     "local SGD H=4": {"sync": "local_sgd", "comm": {"local_sgd_period": 4}},
 }
+DEDICATED = "ps sync 2+2 ded."  # with --nproc N: N/2 workers and N/2 dedicated servers
+
+
+def modes(nproc: int) -> dict[str, dict[str, Any]]:
+    if nproc < 2:
+        return dict(MODES)
+    servers = nproc // 2
+    return {**MODES, DEDICATED.replace("2+2", f"{nproc - servers}+{servers}"): {
+        "allreduce": "ps", "comm": {"ps_servers": servers, "ps_placement": "dedicated"}}}
 
 
 def plan_for(mode: dict[str, Any], nproc: int, steps: int) -> Plan:
+    comm = mode.get("comm", {})
+    workers = nproc - comm["ps_servers"] if comm.get("ps_placement") == "dedicated" else nproc
     spec = api.spec_from_dict({
         "name": "sync-modes",
         "model": {"catalogue": "gpt", "args": MODEL},
         "training": {"global_batch": 4 * nproc, "steps": steps, "optimizer": "adam", "lr": 3e-3, "seed": 0},
         "cluster": {"preset": "cpu-local", "devices_per_node": nproc},
-        "parallel": {"dp": nproc, "tp": 1, "pp": 1, "zero": 0, "compression": "none", "allreduce": "native",
+        "parallel": {"dp": workers, "tp": 1, "pp": 1, "zero": 0, "compression": "none", "allreduce": "native",
                      "sync": "sync", **mode},
     })
     plan, _ = api.plan(spec)
@@ -64,8 +77,8 @@ def result(out: Path, plan: Plan, nproc: int, budget: float) -> dict[str, Any]:
     """Samples every replica completed within ``budget`` seconds (each by its own step times; DDP
     ranks run in lockstep, so rank 0's times stand for all) per second, and the loss then."""
     lines, summary = read(out)
-    rank_times = summary.get("rank_step_times_s") or [[m["step_time_s"] for m in lines]] * nproc
-    per_replica = plan.spec.training.global_batch // nproc
+    rank_times = summary.get("rank_step_times_s") or [[m["step_time_s"] for m in lines]] * plan.mesh.dp
+    per_replica = plan.spec.training.global_batch // plan.mesh.dp  # dedicated servers hold no replica
     done = [sum(1 for t in _cumulative(times) if t <= budget) for times in rank_times]
     within = lines[max(done[0] - 1, 0)]
     return {"samples_per_s": sum(done) * per_replica / budget, "steps_in_budget": done,
@@ -97,7 +110,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=2.0, help="wall-clock seconds for 'loss after budget'")
     parser.add_argument("--nproc", type=int, default=4)
     args = parser.parse_args()
-    plans = {name: plan_for(mode, args.nproc, args.steps) for name, mode in MODES.items()}
+    plans = {name: plan_for(mode, args.nproc, args.steps) for name, mode in modes(args.nproc).items()}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         plain = sweep(plans, Path(tmp) / "plain", args.nproc, None)
@@ -109,10 +122,10 @@ def main() -> None:
         for name, plan in plans.items():
             rows.append({"mode": name, "straggler_s": delay,
                          **result(slow / name.replace(" ", "_").replace("=", ""), plan, args.nproc, args.budget)})
-    print(f"{'mode':<15} {'straggler':>10} {'samples/s':>10} {'steps in budget':>16} {'loss@budget':>12} "
+    print(f"{'mode':<17} {'straggler':>10} {'samples/s':>10} {'steps in budget':>16} {'loss@budget':>12} "
           f"{'rank-0 step':>12} {'final loss':>11} {'max stale':>10}")
     for r in rows:
-        print(f"{r['mode']:<15} {r['straggler_s'] * 1e3:>8.1f}ms {r['samples_per_s']:>10.1f} "
+        print(f"{r['mode']:<17} {r['straggler_s'] * 1e3:>8.1f}ms {r['samples_per_s']:>10.1f} "
               f"{'/'.join(map(str, r['steps_in_budget'])):>16} {r['loss_at_budget']:>12.4f} "
               f"{r['median_step_s'] * 1e3:>10.1f}ms {r['final_loss']:>11.4f} {r['staleness_max']:>10.0f}")
     print(json.dumps({"bench": "sync_modes", "nproc": args.nproc, "steps": args.steps, "budget_s": args.budget,

@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             raise SpecError([("cluster", "--cluster applies to a spec; a saved plan keeps the cluster it was planned "
                               "for (re-plan its spec with --cluster instead)")], args.spec)
         plan = api.load_plan(args.spec)
-        nproc = args.nproc or plan.mesh.world_size
+        nproc = args.nproc or plan.world_size  # the mesh's workers and any dedicated parameter servers
     else:
         nproc = args.nproc or 4
         spec = _local_spec(args.spec, nproc, args.cluster)

@@ -32,6 +32,35 @@ def test_refused_before_launch_with_the_alternative(layout: dict, message: str) 
         check_data_parallel(make_plan(gpt_spec(4), **layout))
 
 
+DEDICATED = {"ps_servers": 2, "ps_placement": "dedicated"}
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    (dict(dp=1, pp=2, allreduce="ps", comm=DEDICATED), "allreduce: ps runs on plain data parallelism"),
+    (dict(dp=2, allreduce="ps", compression="fp16", comm=DEDICATED), "exchanges uncompressed tensors"),
+])
+def test_dedicated_servers_refused_like_colocated(layout: dict, message: str) -> None:
+    """The checks hold with dedicated servers too, also with one worker (its servers still serve)."""
+    with pytest.raises(PlanExecutionError, match=message):
+        check_data_parallel(make_plan(gpt_spec(4), **layout))
+
+
+def test_dedicated_servers_accepted_and_run_their_own_loop() -> None:
+    """Dedicated servers may outnumber the workers (they are ranks of their own); one worker with
+    dedicated servers still runs the parameter server, not the plain loop."""
+    from trainplan.runtime.data_parallel import own_exchange
+    from trainplan.runtime.ps import topology
+
+    many = make_plan(gpt_spec(5), dp=2, allreduce="ps", comm={"ps_servers": 3, "ps_placement": "dedicated"})
+    check_data_parallel(many)
+    assert topology(many).workers == [0, 1] and topology(many).servers == [2, 3, 4]
+    single = make_plan(gpt_spec(3), dp=1, allreduce="ps", comm=DEDICATED)
+    check_data_parallel(single)
+    assert own_exchange(single) and single.world_size == 3
+    colocated = make_plan(gpt_spec(4), dp=4, allreduce="ps", comm={"ps_servers": 2})
+    assert topology(colocated).servers == [0, 1] and not own_exchange(make_plan(gpt_spec(1), allreduce="ps"))
+
+
 def test_accepted_combinations() -> None:
     for layout in (dict(dp=4, zero=1, allreduce="ring", compression="fp16"), dict(dp=4, compression="bf16"),
                    dict(dp=2, pp=2, allreduce="tree"), dict(dp=4, allreduce="ps", sync="async"),

@@ -134,6 +134,18 @@ class Plan(Strict):
     collective_timeout_s: PositiveInt = Field(600, description="Timeout of every collective in the run.")
     notes: list[str] = Field(default_factory=list, description="Decisions the planner wants a person to read.")
 
+    @property
+    def ps_servers_dedicated(self) -> int:
+        """Server-only ranks after the mesh (``allreduce: ps`` with ``comm.ps_placement: dedicated``), else 0."""
+        if self.allreduce == "ps" and self.comm.ps_placement == "dedicated":
+            return self.comm.ps_servers or 0
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the run: the mesh's (workers) and any dedicated parameter servers (ranks after them)."""
+        return self.mesh.world_size + self.ps_servers_dedicated
+
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":
         problems = []
@@ -142,9 +154,11 @@ class Plan(Strict):
                 f"micro_batch ({self.micro_batch}) x num_microbatches ({self.num_microbatches}) x dp "
                 f"({self.mesh.dp}) must equal training.global_batch ({self.spec.training.global_batch})"
             )
-        if self.mesh.world_size != self.spec.cluster.world_size:
+        if self.world_size != self.spec.cluster.world_size:
+            servers = f" + {self.ps_servers_dedicated} dedicated parameter servers" if self.ps_servers_dedicated else ""
             problems.append(
-                f"mesh pp x dp x tp = {self.mesh.world_size} devices but the cluster has {self.spec.cluster.world_size}"
+                f"mesh pp x dp x tp = {self.mesh.world_size} devices{servers} but the cluster has "
+                f"{self.spec.cluster.world_size}"
             )
         if len(self.stages) != self.mesh.pp * self.virtual_stages:
             problems.append(f"expected {self.mesh.pp * self.virtual_stages} stages (pp x virtual_stages), got {len(self.stages)}")
@@ -160,6 +174,8 @@ def spec_hash(spec: Spec) -> str:
     data = spec.model_dump(mode="json", by_alias=True)
     if spec.parallel.comm == CommSpec():  # specs written before parallel.comm existed keep their hash
         del data["parallel"]["comm"]
+    elif spec.parallel.comm.ps_placement == "colocated":  # nor those written before comm.ps_placement
+        del data["parallel"]["comm"]["ps_placement"]
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

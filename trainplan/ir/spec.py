@@ -166,8 +166,13 @@ class CommSpec(Strict):
     )
     ps_servers: PositiveInt | None = Field(
         None,
-        description="allreduce: ps — ranks holding a shard of the parameters, co-located with workers (the first "
-        "ps_servers data-parallel ranks); null: every data-parallel rank.",
+        description="allreduce: ps — ranks holding a shard of the parameters: co-located, the first ps_servers "
+        "data-parallel ranks (null: every one); dedicated, that many extra server-only ranks (required).",
+    )
+    ps_placement: Literal["colocated", "dedicated"] = Field(
+        "colocated",
+        description="allreduce: ps — colocated: server threads on worker ranks; dedicated: ps_servers extra ranks "
+        "after the mesh that only serve (the job runs mesh world size + ps_servers processes).",
     )
     staleness: NonNegativeInt = Field(
         0,
@@ -180,6 +185,12 @@ class CommSpec(Strict):
     local_sgd_warmup: NonNegativeInt = Field(
         0, description="sync: local_sgd — synchronous (gradient-averaging) steps before local steps begin."
     )
+
+    @model_validator(mode="after")
+    def _dedicated_servers_counted(self) -> "CommSpec":
+        if self.ps_placement == "dedicated" and self.ps_servers is None:
+            raise ValueError("ps_placement: dedicated needs ps_servers, the number of server-only ranks to add")
+        return self
 
 
 class ParallelSpec(Strict):
@@ -218,6 +229,12 @@ class ParallelSpec(Strict):
     def fixed(self) -> dict[str, Any]:
         """The fields the user fixed (not 'auto')."""
         return {k: v for k, v in self.model_dump(exclude={"comm"}).items() if v != AUTO}
+
+    def dedicated_ps_servers(self) -> int:
+        """Server-only ranks the spec asks for (``allreduce: ps``, ``comm.ps_placement: dedicated``), else 0."""
+        if self.allreduce == "ps" and self.comm.ps_placement == "dedicated":
+            return self.comm.ps_servers or 0
+        return 0
 
 
 class Spec(Strict):

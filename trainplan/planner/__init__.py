@@ -43,6 +43,7 @@ def plan_from_graph(
     from trainplan.planner.search import search
 
     start = time.perf_counter()
+    check_dedicated_servers(spec)
     model = model_costs_from_graph(graph)
     ctx = context_for(spec)
     result = search(model, spec.parallel, ctx, keep, progress=progress)
@@ -50,6 +51,25 @@ def plan_from_graph(
         raise PlanningError(_no_plan_message(spec, result, what_would_fit) + _model_limits(spec, model))
     plan = build_plan(spec, model, result, ctx, keep)
     return plan, time.perf_counter() - start
+
+
+def check_dedicated_servers(spec: Spec) -> None:
+    """Dedicated parameter servers are ranks of their own: they need ``allreduce: ps`` fixed (the
+    search never picks it), and the cluster must keep at least one device for the workers."""
+    par, world = spec.parallel, spec.cluster.world_size
+    if par.comm.ps_placement != "dedicated":
+        return
+    if par.allreduce != "ps":
+        raise PlanningError(
+            f"parallel.comm.ps_placement: dedicated puts parameter servers on ranks of their own, but parallel.allreduce "
+            f"is {par.allreduce!r}; set allreduce: ps, or drop ps_placement (the default, colocated)"
+        )
+    servers = par.dedicated_ps_servers()
+    if servers >= world:
+        raise PlanningError(
+            f"parallel.comm.ps_servers = {servers} dedicated parameter servers leave none of the cluster's {world} "
+            f"devices for workers; use fewer servers or more devices"
+        )
 
 
 def _model_limits(spec: Spec, model) -> str:  # noqa: ANN001
@@ -67,10 +87,12 @@ def _model_limits(spec: Spec, model) -> str:  # noqa: ANN001
 
 def _no_plan_message(spec: Spec, result, advise) -> str:  # noqa: ANN001
     fixed = spec.parallel.fixed()
-    world = spec.cluster.world_size
+    servers = spec.parallel.dedicated_ps_servers()
+    world = spec.cluster.world_size - servers
     if result.candidates == 0:
+        held = f" (the cluster has {world + servers}, {servers} of them dedicated parameter servers)" if servers else ""
         return (
-            f"no layout of {world} devices satisfies the fixed parallel fields {fixed or '{}'} with "
+            f"no layout of {world} devices{held} satisfies the fixed parallel fields {fixed or '{}'} with "
             f"training.global_batch {spec.training.global_batch}: dp x tp x pp must equal {world}, dp must divide "
             "the global batch, tp must divide the heads and the MLP width; relax a fixed field or change the cluster"
         )

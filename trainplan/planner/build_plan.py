@@ -103,13 +103,12 @@ def _breakdown(stage: StageCost) -> MemoryBreakdown:
 def _stage_plans(ev: Evaluation, model: ModelCosts, mesh: Mesh) -> list[StagePlan]:
     lay = ev.layout
     chunks = sorted(
-        ((c * lay.pp + s.device, rng, s) for s in ev.stages for c, rng in enumerate(s.ranges)), key=lambda x: x[0]
+        ((c * lay.pp + s.device, c, rng, s) for s in ev.stages for c, rng in enumerate(s.ranges)), key=lambda x: x[0]
     )
     plans = []
-    for index, (i, j), stage in chunks:
+    for index, c, (i, j), stage in chunks:
         units = model.units[i : j + 1]
         ranks = [mesh.rank(stage.device, d, t) for d in range(mesh.dp) for t in range(mesh.tp)]
-        share = 1.0 / len(stage.ranges)
         plans.append(
             StagePlan(
                 index=index,
@@ -119,8 +118,8 @@ def _stage_plans(ev: Evaluation, model: ModelCosts, mesh: Mesh) -> list[StagePla
                 params=int(sum(u.params for u in units)),
                 memory_bytes=int(stage.memory.total),
                 memory_breakdown=_breakdown(stage),
-                fwd_time_s=stage.fwd * share,
-                bwd_time_s=stage.bwd * share,
+                fwd_time_s=stage.chunk_fwd[c],  # this virtual stage's own time, not its rank's average
+                bwd_time_s=stage.chunk_bwd[c],
             )
         )
     return plans
@@ -171,6 +170,12 @@ def _notes(spec: Spec, ev: Evaluation, ctx: Context) -> list[str]:
         notes.append("sync: synchronous (async and local SGD change the training result; set parallel.sync to use them)")
     if par.compression == AUTO:
         notes.append("compression: none (lossy; set parallel.compression to trade accuracy for bandwidth)")
+    servers = par.dedicated_ps_servers()
+    if servers:
+        notes.append(f"parameter servers: {servers} of the {spec.cluster.world_size} devices are dedicated servers "
+                     f"(ranks {spec.cluster.world_size - servers}-{spec.cluster.world_size - 1}); the mesh covers the "
+                     f"other {spec.cluster.world_size - servers}. TFLOPs per device, MFU, energy and cost count all "
+                     "devices; memory is estimated for the workers only")
     return notes
 
 

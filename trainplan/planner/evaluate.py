@@ -69,10 +69,12 @@ class UnitTimes:
 class StageCost:
     ranges: tuple[tuple[int, int], ...]  # (first, last) unit of each chunk this pipeline rank holds
     device: int  # pipeline rank holding it
-    fwd: float
+    fwd: float  # seconds per micro-batch, all chunks of the rank
     bwd: float
     params: float
     memory: cost.StageMemory
+    chunk_fwd: tuple[float, ...] = ()  # seconds per micro-batch of each chunk in ``ranges`` (sum: ``fwd``)
+    chunk_bwd: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +128,18 @@ def _block(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float,
     if lay.recompute == "full":  # the recomputed forward repeats its all-reduces (Megatron-LM)
         bwd += tp_f
         tp_total += tp_f
-    acts = cost.transformer_layer_activation_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, lay.recompute, eb)  # type: ignore[arg-type]
-    transient = cost.recompute_transient_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, lay.recompute, eb)  # type: ignore[arg-type]
+    if u.activation_bytes > 0:  # traced: what the model's own ops save (cost.traced_activation_bytes)
+        acts, transient = _traced_acts(u, lay)
+    else:  # closed form (model_costs_from_facts): Korthikanti et al. 2022, Table 2
+        acts = cost.transformer_layer_activation_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, lay.recompute, eb)  # type: ignore[arg-type]
+        transient = cost.recompute_transient_bytes(facts, lay.micro_batch, lay.tp, lay.sequence_parallel, lay.recompute, eb)  # type: ignore[arg-type]
     return fwd, bwd, tp_total, acts, transient, tp_local_params(u, lay.tp)
+
+
+def _traced_acts(u: UnitCost, lay: Layout, recompute: str | None = None) -> tuple[float, float]:
+    return cost.traced_activation_bytes(u.activation_bytes, u.act_tp_sharded, u.act_selective, u.act_selective_tp_sharded,
+                                        u.act_full, lay.micro_batch, lay.tp, lay.sequence_parallel,
+                                        recompute or lay.recompute)  # type: ignore[arg-type]
 
 
 def tp_local_params(u: UnitCost, tp: int) -> float:
@@ -137,44 +148,62 @@ def tp_local_params(u: UnitCost, tp: int) -> float:
     return (u.params - u.tp_replicated) / tp + u.tp_replicated
 
 
-def _edge(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float, float, float, float, float]:
-    """Embedding or LM head of a transformer: vocabulary-parallel (Shoeybi et al. 2019, Sec. 3)."""
+def _edge(ctx: Context, u: UnitCost, lay: Layout, facts, loss_bytes: float = 0.0) -> tuple[float, float, float, float, float, float]:
+    """Embedding or LM head of a transformer: vocabulary-parallel (Shoeybi et al. 2019, Sec. 3).
+
+    Their tensor-parallel communication is :func:`cost.tp_edge_comm_time`: the embedding
+    all-reduces its output in the forward only, the LM head all-reduces its input gradient in the
+    backward only (plus the parallel cross-entropy's per-token scalars in the forward).
+    """
     dev, dt, eb, mb = ctx.cluster.device, ctx.dtype, ctx.element_bytes, lay.micro_batch
     link = cost.group_link(ctx.cluster, lay.tp, 1)
-    out_bytes = float(mb) * facts.seq_len * facts.hidden * eb
-    tp_s = cost.ring_allreduce_time_s(out_bytes, lay.tp, link) if lay.tp > 1 else 0.0
+    tp_f, tp_b = cost.tp_edge_comm_time(u.kind, facts, mb, lay.tp, link, lay.sequence_parallel, eb)  # type: ignore[arg-type]
+    traced = u.activation_bytes > 0 or loss_bytes > 0  # else closed form (Korthikanti et al. 2022, Sec. 4.3)
     if u.kind == "embedding":
-        acts = cost.embedding_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel)
-        return tp_s, tp_s, 2 * tp_s, acts, 0.0, tp_local_params(u, lay.tp)
+        acts = _traced_acts(u, lay, "none")[0] if traced else cost.embedding_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel)
+        return tp_f, tp_b, tp_f + tp_b, acts, 0.0, tp_local_params(u, lay.tp)
     f = cost.lm_head_flops(facts, mb, lay.tp)
     eff = cost.gemm_efficiency(dev, dt, mb * facts.seq_len, facts.vocab // lay.tp, facts.hidden, dev.memory_bandwidth)
-    acts = cost.output_layer_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel, eb)
+    if traced:  # the head's saved tensors plus the vocabulary-parallel loss's fp32 log-softmax (divided by t)
+        acts = _traced_acts(u, lay, "none")[0] + loss_bytes * mb / lay.tp
+    else:
+        acts = cost.output_layer_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel, eb)
     # The final norm, the fp32 softmax and the cross-entropy stream these bytes: once forward, twice backward.
     elem = cost.memory_bound_time_s(acts, dev)
     fwd = cost.compute_time_s(f, dev, dt, eff)
-    return fwd + elem + tp_s, 2 * (fwd + elem) + tp_s, 2 * tp_s, acts, 0.0, tp_local_params(u, lay.tp)
+    return fwd + elem + tp_f, 2 * (fwd + elem) + tp_b, tp_f + tp_b, acts, 0.0, tp_local_params(u, lay.tp)
 
 
-def _other(ctx: Context, u: UnitCost, lay: Layout) -> tuple[float, float, float, float, float, float]:
-    """A unit without transformer facts: measured FLOPs and bytes, replicated across TP."""
+def _other(ctx: Context, u: UnitCost, lay: Layout, loss_bytes: float = 0.0) -> tuple[float, float, float, float, float, float]:
+    """A unit without transformer facts: measured FLOPs and bytes, replicated across TP.
+
+    Plus the fixed cost of its kernels, which does not grow with the micro-batch: the traced
+    graph's forward ops that launch work (``u.kernels``, :func:`model_costs.unit_kernels`) once in
+    the forward and twice in the backward, ``device.kernel_launch`` each
+    (:func:`cost.kernel_overhead_s`, the same rule as a transformer layer's kernels in :func:`_block`).
+    """
     dev, dt, mb = ctx.cluster.device, ctx.dtype, lay.micro_batch
-    fwd = cost.compute_time_s(u.flops_fwd * mb, dev, dt, dev.efficiency)
-    bwd = cost.compute_time_s(u.flops_bwd * mb, dev, dt, dev.efficiency)
-    return fwd, bwd, 0.0, u.activation_bytes * mb, 0.0, u.params
+    fwd = cost.compute_time_s(u.flops_fwd * mb, dev, dt, dev.efficiency) + cost.kernel_overhead_s(u.kernels, dev)
+    bwd = cost.compute_time_s(u.flops_bwd * mb, dev, dt, dev.efficiency) + cost.kernel_overhead_s(2 * u.kernels, dev)
+    acts, transient = _traced_acts(u, lay, lay.recompute if u.kind == "block" else "none")
+    return fwd, bwd, 0.0, acts + loss_bytes * mb, transient, u.params
 
 
 def unit_times(model: ModelCosts, lay: Layout, ctx: Context) -> UnitTimes:
     """Per-unit costs of one layout; identical units (repeated blocks) are costed once."""
     rows, seen = [], {}
-    for u in model.units:
-        key = (u.kind, u.params, u.tp_replicated, u.flops_fwd, u.flops_bwd, u.activation_bytes)
+    last = len(model.units) - 1
+    for i, u in enumerate(model.units):
+        loss = model.loss_bytes if i == last else 0.0  # the loss runs after the last unit
+        key = (u.kind, u.params, u.tp_replicated, u.flops_fwd, u.flops_bwd, u.activation_bytes, u.kernels,
+               u.act_tp_sharded, u.act_selective, u.act_selective_tp_sharded, u.act_full, loss)
         if key not in seen:
             if model.facts is not None and u.kind == "block":
                 seen[key] = _block(ctx, u, lay, model.facts)
             elif model.facts is not None and u.kind in ("embedding", "head"):
-                seen[key] = _edge(ctx, u, lay, model.facts)
+                seen[key] = _edge(ctx, u, lay, model.facts, loss)
             else:
-                seen[key] = _other(ctx, u, lay)
+                seen[key] = _other(ctx, u, lay, loss)
         rows.append(seen[key])
     cols = list(zip(*rows))
     sharded = lay.tp if model.facts is not None else 1
@@ -236,10 +265,10 @@ def _memory(ctx: Context, lay: Layout, px: _Prefix, ranges: list[tuple[int, int]
 
 
 def _stage(ctx: Context, lay: Layout, px: _Prefix, ranges: list[tuple[int, int]], device: int) -> StageCost:
-    fwd = sum(px.span(px.fwd, i, j) for i, j in ranges)
-    bwd = sum(px.span(px.bwd, i, j) for i, j in ranges)
+    fwd = tuple(px.span(px.fwd, i, j) for i, j in ranges)
+    bwd = tuple(px.span(px.bwd, i, j) for i, j in ranges)
     mem = _memory(ctx, lay, px, ranges, device)
-    return StageCost(tuple(ranges), device, fwd, bwd, px.stage_params(ranges), mem)
+    return StageCost(tuple(ranges), device, sum(fwd), sum(bwd), px.stage_params(ranges), mem, fwd, bwd)
 
 
 @lru_cache(maxsize=4096)
@@ -411,9 +440,12 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[floa
     """Exposed gradient synchronisation of the slowest stage, the algorithm used, whether it crosses nodes.
 
     ZeRO-1/2 reduce-scatter the gradients and all-gather the updated parameters: the same bytes as
-    a ring all-reduce (Rajbhandari et al. 2020, Sec. 7.2). ZeRO-3 adds an all-gather of the
-    parameters in the forward and in the backward of every micro-batch (1.5x the data-parallel
-    volume per step, Sec. 7.2.2), hidden behind compute when prefetched, exposed beyond it.
+    a ring all-reduce (Rajbhandari et al. 2020, Sec. 7.2). ZeRO-3 as trainplan's runtime runs it
+    (FSDP2, ``reshard_after_forward=True``; :func:`cost.zero3_comm_time_s`) reduce-scatters the
+    gradients once per step, overlapped with the backward like the buckets above, and all-gathers
+    the parameters in the forward and again in the backward of every micro-batch — ``2·m`` gathers,
+    the paper's 1.5x volume (Sec. 7.2.2) when ``m = 1`` — prefetched behind compute and exposed
+    only beyond the ``m·(t_f + t_b)`` of compute they can hide behind.
     """
     if lay.dp == 1:
         return 0.0, "native", False
@@ -424,11 +456,12 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[floa
     worst = 0.0
     for params, fwd, bwd in {(s.params, s.fwd, s.bwd) for s in stages}:  # identical middle stages once
         grad = params * ctx.grad_bytes
-        ar = dp_gradient_time(ctx, params, lay, algo)
+        if lay.zero == 3:  # ring only: FSDP2 takes no hook, no compression (space.runtime_runs_comm)
+            ar, gather = cost.zero3_comm_time_s(params * ctx.element_bytes, grad, lay.dp, link, lay.num_microbatches)
+        else:
+            ar, gather = dp_gradient_time(ctx, params, lay, algo), 0.0
         exposed = cost.dp_overlap_exposed_time(ar, bwd, DDP_BUCKET_BYTES, grad)
-        if lay.zero == 3:
-            gather = 2 * lay.num_microbatches * cost.all_gather_time_s(params * ctx.element_bytes, lay.dp, link)
-            exposed += max(0.0, gather - lay.num_microbatches * (fwd + bwd))
+        exposed += max(0.0, gather - lay.num_microbatches * (fwd + bwd))
         worst = max(worst, exposed)
     return worst, algo, crosses
 

@@ -21,9 +21,10 @@ from trainplan.planner.table import format_table
 def layout_line(plan: Plan) -> str:
     sched = plan.schedule + (f"(v={plan.virtual_stages})" if plan.schedule == "interleaved" else "")
     sp = " sp" if plan.sequence_parallel else ""
+    servers = f" + {plan.ps_servers_dedicated} dedicated ps servers" if plan.ps_servers_dedicated else ""
     return (
         f"dp={plan.mesh.dp} tp={plan.mesh.tp} pp={plan.mesh.pp} mb={plan.micro_batch}x{plan.num_microbatches} "
-        f"{sched} zero={plan.zero} recompute={plan.recompute}{sp}"
+        f"{sched} zero={plan.zero} recompute={plan.recompute}{sp}{servers}"
     )
 
 
@@ -49,7 +50,7 @@ def _comm(plan: Plan) -> str:
     used = {"topk_ratio": plan.compression == "topk", "powersgd_rank": plan.compression == "powersgd",
             "local_size": plan.allreduce == "hierarchical", "ps_servers": plan.allreduce == "ps",
             "staleness": plan.sync == "async", "local_sgd_period": plan.sync == "local_sgd",
-            "local_sgd_warmup": plan.sync == "local_sgd"}
+            "local_sgd_warmup": plan.sync == "local_sgd", "ps_placement": plan.ps_servers_dedicated > 0}
     shown = [f"{k}={getattr(plan.comm, k)}" for k, on in used.items() if on and getattr(plan.comm, k) is not None]
     return f" ({', '.join(shown)})" if shown else ""
 

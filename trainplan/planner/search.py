@@ -64,7 +64,8 @@ def search(
     ``progress(candidates, evaluated)`` is called every ``PROGRESS_EVERY`` candidates.
     """
     units, blocks = len(model.units), model.blocks
-    world, limit = ctx.cluster.world_size, float(ctx.cluster.device.memory)
+    # Dedicated parameter servers take devices of their own: the mesh covers the rest (the workers).
+    world, limit = ctx.cluster.world_size - parallel.dedicated_ps_servers(), float(ctx.cluster.device.memory)
     best: list[tuple[float, _neg, Evaluation]] = []  # min-heap on -time: best[0] is the slowest kept
     infeasible: list[Evaluation] = []
     candidates = evaluated = feasible = 0
@@ -169,6 +170,7 @@ def simulate_evaluation(ev: Evaluation):  # noqa: ANN201 - returns schedule.Time
     lay = ev.layout
     v = lay.virtual_stages
     sched = compiled(lay.schedule, lay.pp, lay.num_microbatches, v)  # type: ignore[arg-type]
-    fwd = [[s.fwd / v] * v for s in ev.stages]
-    bwd = [[s.bwd / v] * v for s in ev.stages]
+    # Each chunk's own time (interleaved stages are uneven: the first holds the embedding, the last the head).
+    fwd = [list(s.chunk_fwd) if len(s.chunk_fwd) == v else [s.fwd / v] * v for s in ev.stages]
+    bwd = [list(s.chunk_bwd) if len(s.chunk_bwd) == v else [s.bwd / v] * v for s in ev.stages]
     return simulate(sched, fwd, bwd, ev.p2p_s)

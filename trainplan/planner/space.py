@@ -82,7 +82,7 @@ def runtime_runs_comm(parallel: ParallelSpec, tp: int, pp: int, dp: int, zero: i
     DDP hooks (ZeRO 0/1, tp = 1), and ZeRO 2/3 (FSDP2, tp = 1) takes our ring as its reduce-scatter,
     uncompressed; the parameter server and local SGD/async run plain data
     parallelism (tp = pp = 1, ZeRO 0), uncompressed."""
-    if dp == 1:
+    if dp == 1 and not parallel.dedicated_ps_servers():  # dedicated servers serve even one worker
         return True
     own = parallel.allreduce == "ps" or parallel.sync in ("async", "local_sgd")
     if own:

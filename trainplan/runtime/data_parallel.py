@@ -85,8 +85,8 @@ def check_data_parallel(plan: Plan) -> None:
     exchange and run on plain data parallelism (tp = pp = 1, ZeRO 0).
     """
     check_zero(plan.zero, plan.mesh.tp)
-    if plan.mesh.dp == 1:
-        return  # one replica: nothing is exchanged, every mode trains the same
+    if plan.mesh.dp == 1 and not plan.ps_servers_dedicated:
+        return  # one replica: nothing is exchanged, every mode trains the same (dedicated servers still serve)
     if plan.sync == "async" and plan.allreduce != "ps":
         raise PlanExecutionError("sync: async needs a parameter server to absorb unsynchronised pushes; "
                                  "plan with allreduce: ps (comm.staleness bounds how far workers drift)")
@@ -125,7 +125,8 @@ def _check_own_exchange(plan: Plan) -> None:
     if plan.sync == "local_sgd" and plan.allreduce == "ps":
         raise PlanExecutionError("sync: local_sgd averages parameters with an all-reduce; use allreduce: native, "
                                  "ring, tree or hierarchical, not ps")
-    if plan.allreduce == "ps" and plan.comm.ps_servers is not None and plan.comm.ps_servers > plan.mesh.dp:
+    if (plan.allreduce == "ps" and not plan.ps_servers_dedicated and plan.comm.ps_servers is not None
+            and plan.comm.ps_servers > plan.mesh.dp):
         raise PlanExecutionError(f"comm.ps_servers ({plan.comm.ps_servers}) exceeds the {plan.mesh.dp} data-parallel "
                                  "ranks that can hold a shard; use at most dp")
     if plan.allreduce == "hierarchical":
@@ -141,7 +142,7 @@ def fsdp_ring(plan: Plan) -> bool:
 
 def own_exchange(plan: Plan) -> bool:
     """Whether the replicas exchange on their own (local SGD, parameter server: :mod:`~trainplan.runtime.sync_modes`)."""
-    return plan.mesh.dp > 1 and (plan.allreduce == "ps" or plan.sync != "sync")
+    return plan.ps_servers_dedicated > 0 or (plan.mesh.dp > 1 and (plan.allreduce == "ps" or plan.sync != "sync"))
 
 
 def parse_straggler(text: str) -> tuple[int, float]:

@@ -103,7 +103,7 @@ def launch_sweep(plans: Sequence[Plan], *, nproc: int, out_dirs: Sequence[str | 
     if len(plans) != len(out_dirs) or not plans:
         raise ValueError(f"expected one output folder per plan, got {len(plans)} plans and {len(out_dirs)} folders")
     for plan in plans:
-        check_world_size(plan.mesh, nproc, f"--nproc {nproc}")
+        check_world_size(plan.mesh, nproc, f"--nproc {nproc}", plan.ps_servers_dedicated)
         check_plan(plan)
     run = Path(run_dir).resolve()
     outs = [Path(d).resolve() for d in out_dirs]
@@ -126,7 +126,8 @@ def launch_sweep(plans: Sequence[Plan], *, nproc: int, out_dirs: Sequence[str | 
             with _restart_env(max_restarts), _wake_stopped_workers(run / "failures"):
                 elastic_launch(config, sys.executable)(*args)
         except ChildFailedError as exc:
-            message = failure_summary(run, {rank: f.exitcode for rank, f in exc.failures.items()}, nproc)
+            servers = {r for plan in plans for r in range(plan.mesh.world_size, plan.world_size)}
+            message = failure_summary(run, {rank: f.exitcode for rank, f in exc.failures.items()}, nproc, servers)
             (run / "error.txt").write_text(message + "\n")
             print(message, file=sys.stderr)
             return 1
@@ -209,8 +210,9 @@ def _records(out: Path) -> dict[int, dict[str, object]]:
     return records
 
 
-def failure_summary(out: Path, exit_codes: dict[int, int], world_size: int) -> str:
-    """Which rank failed first and why, then one line per other failed rank.
+def failure_summary(out: Path, exit_codes: dict[int, int], world_size: int, servers: set[int] = frozenset()) -> str:
+    """Which rank failed first and why, then one line per other failed rank (``servers``: ranks that
+    are dedicated parameter servers, named as such).
 
     Order: ranks whose own code raised (earliest first), then ranks that died without writing a
     record (killed, out of memory, a crash in native code), then ranks whose collectives broke.
@@ -226,12 +228,12 @@ def failure_summary(out: Path, exit_codes: dict[int, int], world_size: int) -> s
     silent = [r for r in ranks if r not in records]
     peers = sorted((r for r in ranks if records.get(r, {}).get("kind") == "peer"), key=lambda r: records[r]["time_ns"])
     ordered = own + silent + peers
-    lines = [f"run failed: {_describe(ordered[0], records, exit_codes)}"] if ordered else ["run failed"]
+    lines = [f"run failed: {_describe(ordered[0], records, exit_codes, servers)}"] if ordered else ["run failed"]
     if ordered and ordered[0] in records and records[ordered[0]].get("plan"):
         lines.append(f"    (while running {records[ordered[0]]['plan']})")
     if ordered and ordered[0] in records:
         lines += ["    " + line for line in str(records[ordered[0]]["traceback"]).rstrip().splitlines()[-12:]]
-    lines += [f"then {_describe(r, records, exit_codes)}" for r in ordered[1:]]
+    lines += [f"then {_describe(r, records, exit_codes, servers)}" for r in ordered[1:]]
     if running and not own and not silent:
         lines.append(f"rank{'s' if len(running) > 1 else ''} {', '.join(map(str, running))} "
                      f"{'were' if len(running) > 1 else 'was'} still running when the run was stopped: "
@@ -240,9 +242,12 @@ def failure_summary(out: Path, exit_codes: dict[int, int], world_size: int) -> s
     return "\n".join(lines)
 
 
-def _describe(rank: int, records: dict[int, dict[str, object]], exit_codes: dict[int, int]) -> str:
+def _describe(rank: int, records: dict[int, dict[str, object]], exit_codes: dict[int, int],
+              servers: set[int] = frozenset()) -> str:
+    who = f"rank {rank} (a dedicated parameter server)" if rank in servers else f"rank {rank}"
     if rank in records:
-        return str(records[rank]["message"])
+        message = str(records[rank]["message"])
+        return who + message[len(f"rank {rank}"):] if message.startswith(f"rank {rank}:") else message
     code = exit_codes.get(rank)
     how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-    return f"rank {rank} {how} without reporting an error (killed, out of memory, or a crash in native code)"
+    return f"{who} {how} without reporting an error (killed, out of memory, or a crash in native code)"

@@ -22,16 +22,20 @@ from trainplan.runtime.errors import WorldSizeError
 MESH_DIMS = ("pp", "dp", "tp")
 
 
-def check_world_size(mesh: Mesh, world_size: int, source: str) -> None:
+def check_world_size(mesh: Mesh, world_size: int, source: str, servers: int = 0) -> None:
     """Refuse to start when ``world_size`` processes were launched for a plan that needs another number.
 
-    ``source`` says who launched them (``"--nproc"``, ``"torchrun (WORLD_SIZE)"``) for the message.
+    ``source`` says who launched them (``"--nproc"``, ``"torchrun (WORLD_SIZE)"``) for the message;
+    ``servers`` counts the plan's dedicated parameter-server ranks, which come after the mesh's.
     """
-    if mesh.world_size != world_size:
+    need = mesh.world_size + servers
+    if need != world_size:
+        what = f"the plan's mesh pp={mesh.pp} x dp={mesh.dp} x tp={mesh.tp}"
+        if servers:
+            what += f" ({mesh.world_size} workers) + {servers} dedicated parameter servers"
         raise WorldSizeError(
-            f"the plan's mesh pp={mesh.pp} x dp={mesh.dp} x tp={mesh.tp} needs {mesh.world_size} processes, "
-            f"but {source} gives {world_size}; launch {mesh.world_size} processes, or re-plan the spec "
-            f"for {world_size} devices (cluster.devices_per_node x nodes = {world_size})"
+            f"{what} needs {need} processes, but {source} gives {world_size}; launch {need} processes, or re-plan "
+            f"the spec for {world_size} devices (cluster.devices_per_node x nodes = {world_size})"
         )
 
 
@@ -68,6 +72,11 @@ class RankMesh:
     device: torch.device
 
     @property
+    def in_mesh(self) -> bool:
+        """False on a dedicated parameter-server rank (a rank after the mesh's)."""
+        return self.rank < self.shape.world_size
+
+    @property
     def pp_rank(self) -> int:
         return coordinates(self.shape, self.rank)[0]
 
@@ -88,12 +97,14 @@ class RankMesh:
         return self.device_mesh[dim]
 
 
-def build_mesh(shape: Mesh, *, device: torch.device, timeout_s: float) -> RankMesh:
+def build_mesh(shape: Mesh, *, device: torch.device, timeout_s: float, servers: int = 0) -> RankMesh:
     """Create the ``(pp, dp, tp)`` DeviceMesh; the default process group must already exist.
 
     Checks the world size against the mesh first, so a wrong launch fails before any group is made.
+    With ``servers`` dedicated parameter-server ranks (after the mesh's) those ranks take part in
+    creating the mesh's groups (every rank must) but are not in it: their ``RankMesh.in_mesh`` is false.
     """
-    check_world_size(shape, dist.get_world_size(), "the process group")
+    check_world_size(shape, dist.get_world_size(), "the process group", servers)
     backend = dist.get_backend()
     options = group_options(backend, timeout_s)
     device_mesh = init_device_mesh(

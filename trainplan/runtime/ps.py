@@ -1,11 +1,16 @@
 """A parameter server over ``torch.distributed`` point-to-point (``allreduce: ps``).
 
-The parameters are sharded, whole tensors, over the first ``comm.ps_servers`` data-parallel ranks
-(all of them by default), greedily: each tensor to the server holding the fewest elements so far.
-Servers are co-located with workers: a server is a thread of its rank's process, holding the
-master copy of its shard and the optimizer for it (Li et al., "Scaling distributed machine
-learning with the parameter server", OSDI 2014: workers push gradients, pull parameters; servers
-own key ranges and apply the updates).
+The parameters are sharded, whole tensors, over ``comm.ps_servers`` servers, greedily: each tensor
+to the server holding the fewest elements so far. Each server holds the master copy of its shard
+and the optimizer for it (Li et al., "Scaling distributed machine learning with the parameter
+server", OSDI 2014: workers push gradients, pull parameters; servers own key ranges and apply the
+updates). Where the servers run is ``comm.ps_placement``:
+
+* ``colocated`` (default): server ``j`` is a thread of the ``j``-th data-parallel rank's process
+  (the first ``ps_servers`` of them; all by default), next to that rank's worker.
+* ``dedicated``: ``ps_servers`` extra ranks after the mesh's (ranks ``W .. W+S-1`` for a mesh of
+  ``W`` workers) run only the server (:func:`serve`): no model, no data, no forward or backward;
+  worker 0 sends each its initial shard, and they exit once every worker's last push is answered.
 
 Per step every worker pushes each server its gradient shard and pulls the server's new shard:
 
@@ -26,8 +31,9 @@ Observed staleness of a push = updates the server applied between the worker's p
 Messages: a push is a header ``[worker, step, base version]`` (int64) then the flat fp32 gradient
 shard; a reply is ``[version, staleness]`` then the flat shard. Pushes travel on one process group
 (received by the server thread with an any-source receive), replies on another; a rank's push to
-its own server goes through a queue (torch refuses a send to self). Every wait has the plan's
-collective timeout.
+its own server goes through a queue (torch refuses a send to self). A dedicated server's starting
+values come from worker 0 on the push group (tag ``TAG_INIT``): ``[numel]`` then the flat fp32 shard.
+Every wait has the plan's collective timeout.
 """
 
 from __future__ import annotations
@@ -45,9 +51,40 @@ from torch import nn
 from trainplan.ir.plan import Plan
 from trainplan.runtime.collectives import CollectiveError, WireCounter
 from trainplan.runtime.data_parallel import make_optimizer
-from trainplan.runtime.mesh import RankMesh
 
-TAG_PUSH_HEADER, TAG_PUSH, TAG_PULL_HEADER, TAG_PULL = 101, 102, 103, 104
+TAG_PUSH_HEADER, TAG_PUSH, TAG_PULL_HEADER, TAG_PULL, TAG_INIT = 101, 102, 103, 104, 105
+POLL_S = 0.2  # how often a waiting server thread looks whether its partner thread failed
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Who works and who serves: global ranks of the workers (the data-parallel ranks, in order) and
+    of the servers; ``dedicated`` when the servers are ranks of their own."""
+
+    workers: list[int]
+    servers: list[int]
+    dedicated: bool
+
+    @property
+    def ranks(self) -> list[int]:
+        """Every rank taking part (the members of the parameter server's process groups)."""
+        return sorted(set(self.workers) | set(self.servers))
+
+
+def topology(plan: Plan) -> Topology:
+    """The plan's parameter-server ranks. The parameter server runs on plain data parallelism
+    (tp = pp = 1, checked before launch), so the workers are ranks ``0 .. dp-1``."""
+    workers = list(range(plan.mesh.dp))
+    dedicated = plan.ps_servers_dedicated
+    if dedicated:
+        return Topology(workers, list(range(plan.mesh.world_size, plan.mesh.world_size + dedicated)), True)
+    return Topology(workers, workers[: plan.comm.ps_servers or len(workers)], False)
+
+
+def make_groups(plan: Plan, topo: Topology) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """The push and the pull process group (every rank of the world calls this, in the same order)."""
+    timeout = timedelta(seconds=plan.collective_timeout_s)
+    return dist.new_group(topo.ranks, timeout=timeout), dist.new_group(topo.ranks, timeout=timeout)
 
 
 def assign_shards(sizes: list[int], servers: int) -> list[int]:
@@ -100,6 +137,7 @@ class Shard:
         self.pushes = [0] * workers
         self.pending: dict[int, dict[int, torch.Tensor]] = {}  # sync: step -> worker -> gradient
         self.waiting: dict[int, int] = {}  # worker -> staleness of its last push, reply held back
+        self.last_step = [0] * workers  # the step of each worker's last push
 
     def _apply(self, grad: torch.Tensor) -> None:
         offset = 0
@@ -113,6 +151,7 @@ class Shard:
     def receive(self, push: Push) -> None:
         """Apply (async) or collect (sync) one push."""
         self.pushes[push.worker] += 1
+        self.last_step[push.worker] = push.step
         if self.mode == "async":
             self.waiting[push.worker] = self.version - push.base
             self._apply(push.grad / self.workers)
@@ -141,139 +180,174 @@ class Shard:
 
 class ServerThread:
     """Runs a :class:`Shard` on two threads: a receiver (any-source receives of remote pushes; a gloo
-    receive cannot be polled, so it blocks with the timeout) feeding a queue that the rank's own
-    worker also feeds, and the server, which applies the queue in arrival order and replies."""
+    receive cannot be polled, so it blocks with the timeout) feeding a queue, and the server, which
+    applies the queue in arrival order and replies. A co-located server's own worker (``local``, its
+    index among the workers) puts its pushes on the queue and takes its replies from :attr:`slot`."""
 
-    def __init__(self, shard: Shard, me: int, ranks: list[int], groups: tuple[dist.ProcessGroup, dist.ProcessGroup],
-                 total_pushes: int, timeout_s: float, counter: WireCounter) -> None:
-        self.shard, self.me, self.ranks = shard, me, ranks
+    def __init__(self, shard: Shard, rank: int, workers: list[int], local: int | None,
+                 groups: tuple[dist.ProcessGroup, dist.ProcessGroup], steps: int, timeout_s: float,
+                 counter: WireCounter) -> None:
+        self.shard, self.rank, self.workers, self.local = shard, rank, workers, local
         self.push_group, self.pull_group = groups
-        self.total, self.timeout_s, self.counter = total_pushes, timeout_s, counter
-        self.local: queue.Queue[Push] = queue.Queue()
+        self.steps, self.total = steps, len(workers) * steps
+        self.timeout_s, self.counter = timeout_s, counter
+        self.queue: queue.Queue[Push] = queue.Queue()
         self.slot = LocalSlot()
         self.error: BaseException | None = None
+        self.sent_by_step = [0] * steps  # reply bytes, by the step of the push answered
         self._sends: list[dist.Work] = []
         self.thread = threading.Thread(target=self._guard, args=(self._serve,), name="trainplan-ps-server", daemon=True)
         self.receiver = threading.Thread(target=self._guard, args=(self._receive,), name="trainplan-ps-recv",
                                          daemon=True)
 
+    @property
+    def name(self) -> str:
+        return f"{'dedicated ' if self.local is None else ''}parameter server on rank {self.rank}"
+
     def start(self) -> None:
         self.thread.start()
         self.receiver.start()
 
+    def alive(self) -> bool:
+        return self.thread.is_alive() or self.receiver.is_alive()
+
     def _guard(self, body: Callable[[], None]) -> None:
         try:
             body()
-        except BaseException as exc:  # noqa: BLE001 - handed to the worker thread, which raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread waiting on this server, which raises it
             self.error = self.error or exc
             self.slot.done.set()
 
     def _receive(self) -> None:
-        """Every push of the other workers, in arrival order, into the queue."""
+        """Every push of the remote workers, in arrival order, into the queue."""
         numel = sum(p.numel() for p in self.shard.master)
-        remote = self.total - self.total // len(self.ranks)  # every worker's pushes but this rank's own
+        remote = self.total - (self.steps if self.local is not None else 0)  # a co-located worker's own go direct
         for _ in range(remote):
             header = torch.zeros(3, dtype=torch.int64)
             self._wait(dist.irecv(header, src=None, group=self.push_group, tag=TAG_PUSH_HEADER), None)
             worker, step, base = (int(v) for v in header.tolist())
             grad = torch.empty(numel)
-            self._wait(dist.irecv(grad, src=self.ranks[worker], group=self.push_group, tag=TAG_PUSH), worker)
-            self.local.put(Push(worker, step, base, grad))
+            self._wait(dist.irecv(grad, src=self.workers[worker], group=self.push_group, tag=TAG_PUSH), worker)
+            self.queue.put(Push(worker, step, base, grad))
+
+    def _next(self, handled: int) -> Push:
+        """The next push; fails after the timeout, or at once when the receiver failed."""
+        waited = 0.0
+        while True:
+            try:
+                return self.queue.get(timeout=POLL_S)
+            except queue.Empty:
+                waited += POLL_S
+            if self.error is not None:
+                raise self.error
+            if waited >= self.timeout_s:
+                raise CollectiveError(f"{self.name}: no push for {self.timeout_s:.0f} s ({handled} of {self.total} "
+                                      "handled); a worker probably died or stalled")
 
     def _serve(self) -> None:
         for handled in range(self.total):
-            try:
-                push = self.local.get(timeout=self.timeout_s)
-            except queue.Empty:
-                raise CollectiveError(f"parameter server on rank {self.ranks[self.me]}: no push for "
-                                      f"{self.timeout_s:.0f} s ({handled} of {self.total} handled); a worker "
-                                      "probably died or stalled") from None
-            self.shard.receive(push)
+            self.shard.receive(self._next(handled))
             for worker in self.shard.ready():
                 self._answer(worker, self.shard.reply(worker))
         for sent in self._sends:
-            sent.wait(timedelta(seconds=self.timeout_s))
+            if not sent.wait(timedelta(seconds=self.timeout_s)):
+                raise CollectiveError(f"{self.name}: timed out sending a reply")
 
     def _wait(self, work: dist.Work, worker: int | None) -> None:
-        peer = "any worker" if worker is None else f"rank {self.ranks[worker]}"
+        peer = "any worker" if worker is None else f"worker rank {self.workers[worker]}"
         if not work.wait(timedelta(seconds=self.timeout_s)):
-            raise CollectiveError(f"parameter server on rank {self.ranks[self.me]}: timed out receiving a push "
-                                  f"from {peer}")
+            raise CollectiveError(f"{self.name}: timed out receiving a push from {peer}")
 
     def _answer(self, worker: int, reply: Reply) -> None:
-        if worker == self.me:
+        if worker == self.local:
             self.slot.reply = reply
             self.slot.done.set()
             return
-        dst = self.ranks[worker]
+        dst = self.workers[worker]
         head = torch.tensor([reply.version, reply.staleness], dtype=torch.int64)
         self._sends.append(dist.isend(head, dst=dst, group=self.pull_group, tag=TAG_PULL_HEADER))
         self._sends.append(dist.isend(reply.shard, dst=dst, group=self.pull_group, tag=TAG_PULL))
-        self.counter.add_sent(reply.shard.numel() * reply.shard.element_size() + head.numel() * 8)
+        nbytes = reply.shard.numel() * reply.shard.element_size() + head.numel() * 8
+        self.counter.add_sent(nbytes)
+        self.sent_by_step[min(self.shard.last_step[worker], self.steps - 1)] += nbytes
 
 
 class ParameterServerClient:
-    """A worker's side (and, on server ranks, the server thread): push gradients, pull parameters."""
+    """A worker's side (and, co-located, its rank's server thread): push gradients, pull parameters."""
 
-    def __init__(self, plan: Plan, mesh: RankMesh, params: list[nn.Parameter], counter: WireCounter,
-                 steps: int) -> None:
+    def __init__(self, plan: Plan, rank: int, params: list[nn.Parameter], counter: WireCounter, steps: int) -> None:
         if plan.spec.training.precision == "fp16":
             raise CollectiveError("allreduce: ps does not run fp16 loss scaling (its skipped steps need every worker "
                                   "in lockstep); use precision bf16 or fp32")
-        group = mesh.group("dp")
-        self.ranks = dist.get_process_group_ranks(group)
-        self.me = self.ranks.index(mesh.rank)
-        n = len(self.ranks)
-        servers = plan.comm.ps_servers or n
+        self.topo = topology(plan)
+        self.rank, self.me = rank, self.topo.workers.index(rank)
+        servers = len(self.topo.servers)
+        if servers > len(params):
+            raise CollectiveError(f"comm.ps_servers ({servers}) exceeds the model's {len(params)} parameter tensors "
+                                  f"(whole tensors are sharded, so a server would hold nothing); use at most {len(params)}")
         self.timeout_s = float(plan.collective_timeout_s)
         self.counter, self.params = counter, params
         owner = assign_shards([p.numel() for p in params], servers)
         self.shards = [[p for p, o in zip(params, owner) if o == j] for j in range(servers)]
-        timeout = timedelta(seconds=plan.collective_timeout_s)
-        self.groups = (dist.new_group(self.ranks, timeout=timeout), dist.new_group(self.ranks, timeout=timeout))
+        self.groups = make_groups(plan, self.topo)
         self.bases = [0] * servers
         mode = plan.sync if plan.sync == "async" else "sync"
         self.server: ServerThread | None = None
-        if self.me < servers:
-            shard = Shard(plan, self.shards[self.me], n, mode, plan.comm.staleness)
-            self.server = ServerThread(shard, self.me, self.ranks, self.groups, n * steps, self.timeout_s, counter)
+        self.local: int | None = None  # index of this rank's own (co-located) server
+        if not self.topo.dedicated and self.me < servers:
+            self.local = self.me
+            shard = Shard(plan, self.shards[self.me], len(self.topo.workers), mode, plan.comm.staleness)
+            self.server = ServerThread(shard, rank, self.topo.workers, self.me, self.groups, steps, self.timeout_s,
+                                       counter)
             self.server.start()
+        if self.topo.dedicated and self.me == 0:
+            self._send_initial_shards()
+
+    def _send_initial_shards(self) -> None:
+        """Worker 0 gives each dedicated server its shard's starting values (every worker starts equal)."""
+        push, _ = self.groups
+        for j, server in enumerate(self.topo.servers):
+            values = flat([p.detach() for p in self.shards[j]]).to(torch.float32)
+            head = torch.tensor([values.numel()], dtype=torch.int64)
+            for tensor in (head, values):
+                self._wait(dist.isend(tensor, dst=server, group=push, tag=TAG_INIT), j, "send the initial shard to")
 
     def _push(self, j: int, index: int) -> None:
         grad = flat([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.shards[j]])
         grad = grad.to(torch.float32)
-        if j == self.me:
+        if j == self.local:
             assert self.server is not None
-            self.server.local.put(Push(self.me, index, self.bases[j], grad))
+            self.server.queue.put(Push(self.me, index, self.bases[j], grad))
             return
         head = torch.tensor([self.me, index, self.bases[j]], dtype=torch.int64)
-        push, pull = self.groups
+        push, _ = self.groups
         for tensor, tag in ((head, TAG_PUSH_HEADER), (grad, TAG_PUSH)):
-            self._wait(dist.isend(tensor, dst=self.ranks[j], group=push, tag=tag), j, "push to")
+            self._wait(dist.isend(tensor, dst=self.topo.servers[j], group=push, tag=tag), j, "push to")
         self.counter.add_sent(grad.numel() * 4 + 24)
 
     def _pull(self, j: int) -> Reply:
-        if j == self.me:
+        if j == self.local:
             assert self.server is not None
             slot = self.server.slot
             if not slot.done.wait(self.timeout_s) or self.server.error is not None or slot.reply is None:
                 raise self.server.error or CollectiveError(
-                    f"rank {self.ranks[self.me]}: its parameter server thread gave no reply in {self.timeout_s:.0f} s")
+                    f"rank {self.rank}: its parameter server thread gave no reply in {self.timeout_s:.0f} s")
             reply, slot.reply = slot.reply, None
             slot.done.clear()
             return reply
         head = torch.zeros(2, dtype=torch.int64)
         shard = torch.empty(sum(p.numel() for p in self.shards[j]))
         _, pull = self.groups
-        self._wait(dist.irecv(head, src=self.ranks[j], group=pull, tag=TAG_PULL_HEADER), j, "pull from")
-        self._wait(dist.irecv(shard, src=self.ranks[j], group=pull, tag=TAG_PULL), j, "pull from")
+        self._wait(dist.irecv(head, src=self.topo.servers[j], group=pull, tag=TAG_PULL_HEADER), j, "pull from")
+        self._wait(dist.irecv(shard, src=self.topo.servers[j], group=pull, tag=TAG_PULL), j, "pull from")
         return Reply(int(head[0]), int(head[1]), shard)
 
     def _wait(self, work: dist.Work, j: int, what: str) -> None:
         if self.server is not None and self.server.error is not None:
             raise self.server.error
         if not work.wait(timedelta(seconds=self.timeout_s)):
-            raise CollectiveError(f"rank {self.ranks[self.me]}: timed out ({what} parameter server rank {self.ranks[j]})")
+            kind = "dedicated parameter server" if self.topo.dedicated else "parameter server"
+            raise CollectiveError(f"rank {self.rank}: timed out ({what} {kind} rank {self.topo.servers[j]})")
 
     def step(self, index: int, update: object) -> float:
         """Push this step's gradients, pull the new parameters; the largest observed staleness.
@@ -302,9 +376,48 @@ class ParameterServerClient:
             thread.join(self.timeout_s)
         if self.server.error is not None:
             raise self.server.error
-        if self.server.thread.is_alive() or self.server.receiver.is_alive():
-            raise CollectiveError(f"rank {self.ranks[self.me]}: its parameter server thread did not finish in "
+        if self.server.alive():
+            raise CollectiveError(f"rank {self.rank}: its parameter server thread did not finish in "
                                   f"{self.timeout_s:.0f} s")
 
     def close(self) -> None:
         pass
+
+
+def serve(plan: Plan, rank: int, steps: int, on_progress: Callable[[int], None] | None = None) -> ServerThread:
+    """A dedicated server rank's whole run: take the initial shard from worker 0, then apply pushes
+    and answer pulls until every worker's ``steps`` pushes are answered; the finished server.
+
+    ``on_progress(k)`` is called (from this thread) each time every worker has pushed ``k`` steps.
+    Every wait has the plan's collective timeout; a failure raises naming this server.
+    """
+    topo = topology(plan)
+    timeout_s = float(plan.collective_timeout_s)
+    groups = make_groups(plan, topo)
+    name = f"dedicated parameter server on rank {rank}"
+    src = topo.workers[0]
+
+    def receive(tensor: torch.Tensor) -> torch.Tensor:
+        if not dist.irecv(tensor, src=src, group=groups[0], tag=TAG_INIT).wait(timedelta(seconds=timeout_s)):
+            raise CollectiveError(f"{name}: no initial shard from worker rank {src} in {timeout_s:.0f} s")
+        return tensor
+
+    values = receive(torch.empty(int(receive(torch.zeros(1, dtype=torch.int64)))))
+    mode = plan.sync if plan.sync == "async" else "sync"
+    # One flat tensor: the optimizers (SGD, Adam, AdamW) are elementwise, so this is the per-tensor update.
+    shard = Shard(plan, [values], len(topo.workers), mode, plan.comm.staleness)
+    server = ServerThread(shard, rank, topo.workers, None, groups, steps, timeout_s, WireCounter())
+    server.start()
+    reported = 0
+    while server.alive():
+        server.thread.join(POLL_S)
+        if server.error is not None:
+            break
+        done = min(shard.pushes)
+        while on_progress is not None and reported < done:
+            reported += 1
+            on_progress(reported)
+    server.receiver.join(timeout_s)
+    if server.error is not None:
+        raise server.error
+    return server

@@ -12,7 +12,8 @@ plan                what each data-parallel rank does per step
                      (:mod:`~trainplan.runtime.ps`); ``sync: sync`` aggregates every worker's push of a
                      step and applies one update (the single-process step), ``sync: async`` applies each
                      push on arrival within the staleness bound ``comm.staleness`` (Ho et al. 2013,
-                     stale synchronous parallel).
+                     stale synchronous parallel). With ``comm.ps_placement: dedicated`` the ranks after
+                     the mesh's run only the server (:func:`~trainplan.runtime.ps.serve`).
 ==================  ==================================================================================
 
 These modes run their own loop (:func:`train_replicas`): no per-step collective besides the mode's
@@ -39,11 +40,12 @@ from trainplan.ir.plan import Plan
 from trainplan.runtime.collectives import WireCounter, allreduce
 from trainplan.runtime.collectives.hooks import algorithm_options
 from trainplan.runtime.data import replica_batch, tokens_per_sample
+from trainplan.runtime.checkpoint import fault_from_env, inject_fault
 from trainplan.runtime.data_parallel import local_size, straggle
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import RankMesh
 from trainplan.runtime.metrics import MetricsWriter, StepMetrics, layout_text, peak_memory_bytes, reset_peak_memory
-from trainplan.runtime.ps import ParameterServerClient
+from trainplan.runtime.ps import ParameterServerClient, serve
 from trainplan.runtime.train import Trainer, save_full_parameters, seed_random_ops
 
 
@@ -107,6 +109,7 @@ class RankRecord:
     staleness: list[float] = field(default_factory=list)
     memory: int = 0
     wall_s: float = 0.0
+    role: str = "worker"  # or "server": a dedicated parameter server (no losses, only the bytes of its replies)
 
 
 def train_replicas(plan: Plan, mesh: RankMesh, out_dir: Path, *, steps: int | None = None,
@@ -121,13 +124,21 @@ def train_replicas(plan: Plan, mesh: RankMesh, out_dir: Path, *, steps: int | No
                                  "with a native, ring, tree or hierarchical all-reduce")
 
     steps = steps or plan.spec.training.steps
+    fault = fault_from_env()
+    if not mesh.in_mesh:  # a dedicated parameter server: serve, then hand in its record
+        begin = time.perf_counter()
+        server = serve(plan, mesh.rank, steps, lambda done: inject_fault(fault, mesh.rank, done, out_dir))
+        record = RankRecord(wire_bytes=server.sent_by_step, wall_s=time.perf_counter() - begin,
+                            memory=peak_memory_bytes(mesh.device), role="server")
+        dist.all_gather_object([None] * dist.get_world_size(), record)
+        return
     reset_peak_memory(mesh.device)
     seed_random_ops(plan.spec.training.seed, mesh)
     trainer = Trainer(plan, mesh, build_rank_model(plan, mesh))
     params = trainer.rank_model.parameters()
     counter = WireCounter()
     if plan.allreduce == "ps":
-        exchange: LocalSGD | ParameterServerClient = ParameterServerClient(plan, mesh, params, counter, steps)
+        exchange: LocalSGD | ParameterServerClient = ParameterServerClient(plan, mesh.rank, params, counter, steps)
     else:
         exchange = LocalSGD(plan, mesh, params, counter)
     record = RankRecord()
@@ -135,6 +146,7 @@ def train_replicas(plan: Plan, mesh: RankMesh, out_dir: Path, *, steps: int | No
     begin = time.perf_counter()
     try:
         for step in range(steps):
+            inject_fault(fault, mesh.rank, step, out_dir)
             start = time.perf_counter()
             before = counter.total_bytes
             inputs, targets = replica_batch(task, training.global_batch, training.seed, step, trainer.shard)
@@ -157,23 +169,29 @@ def train_replicas(plan: Plan, mesh: RankMesh, out_dir: Path, *, steps: int | No
         write_records(plan, out_dir, [r for r in records if r is not None], tokens_per_sample(task))
 
 
-def write_records(plan: Plan, out_dir: Path, records: list[RankRecord], tokens: int) -> None:
-    """metrics.jsonl and summary.json from every rank's records (rank 0)."""
+def write_records(plan: Plan, out_dir: Path, every: list[RankRecord], tokens: int) -> None:
+    """metrics.jsonl and summary.json from every rank's records (rank 0): losses, times and staleness
+    from the workers; wire bytes from every rank, dedicated servers' replies included."""
+    records = [r for r in every if r.role == "worker"]
+    servers = [r for r in every if r.role == "server"]
     steps = len(records[0].losses)
     writer = MetricsWriter(out_dir, steps)
     batch_tokens = plan.spec.training.global_batch * tokens
     memory = max(r.memory for r in records)
     for i in range(steps):
         elapsed = records[0].times[i]
-        extra = {"wire_bytes": sum(r.wire_bytes[i] for r in records),
+        extra = {"wire_bytes": sum(r.wire_bytes[i] for r in every),
                  "staleness_max": max(r.staleness[i] for r in records),
                  "staleness_mean": statistics.fmean(r.staleness[i] for r in records)}
         loss = statistics.fmean(r.losses[i] for r in records)
         writer.record(StepMetrics(i, loss, elapsed, batch_tokens / elapsed, memory, **extra))
     wall = max(r.wall_s for r in records)
-    extra = {"wire_bytes_per_step": statistics.fmean(sum(r.wire_bytes[i] for r in records) for i in range(steps)),
+    extra = {"wire_bytes_per_step": statistics.fmean(sum(r.wire_bytes[i] for r in every) for i in range(steps)),
              "samples_per_s": plan.spec.training.global_batch * steps / wall, "wall_s": wall,
              "rank_wall_s": [r.wall_s for r in records], "rank_step_times_s": [r.times for r in records]}
+    if servers:
+        extra.update(ps_servers_dedicated=len(servers), server_wall_s=[r.wall_s for r in servers],
+                     server_memory_bytes=[r.memory for r in servers])
     writer.summary(layout=layout_text(plan), estimated_step_time_s=plan.estimate.step_time_s,
-                   world_size=plan.mesh.world_size, extra=extra)
+                   world_size=plan.world_size, extra=extra)
     writer.close()

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, current: list[Path]) -> None:
         raise PlanExecutionError(f"{len(args.plan)} --plan but {len(args.out)} --out; give one folder per plan")
     plans = [load(Plan, path) for path in args.plan]
     for plan in plans:
-        check_world_size(plan.mesh, env_int("WORLD_SIZE"), "the launcher (WORLD_SIZE)")
+        check_world_size(plan.mesh, env_int("WORLD_SIZE"), "the launcher (WORLD_SIZE)", plan.ps_servers_dedicated)
         check_plan(plan)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +125,8 @@ def run(args: argparse.Namespace, current: list[Path]) -> None:
     join_process_group(backend, timeout, device)
     for plan, path, out in zip(plans, args.plan, args.out):
         current[:] = [path]
-        mesh = build_mesh(plan.mesh, device=device, timeout_s=plan.collective_timeout_s)
+        mesh = build_mesh(plan.mesh, device=device, timeout_s=plan.collective_timeout_s,
+                          servers=plan.ps_servers_dedicated)
         train(plan, mesh, out, steps=args.steps, save_params=args.save_params, checkpoint=checkpoint,
               straggler=args.straggler)
         gc.collect()  # free this plan's DDP/FSDP state (held in reference cycles) while its groups still work

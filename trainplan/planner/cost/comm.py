@@ -108,6 +108,32 @@ def all_gather_time_s(nbytes: float, n: int, link: LinkLike) -> float:
     return reduce_scatter_time_s(nbytes, n, link)
 
 
+def zero3_comm_time_s(
+    param_bytes: float, grad_bytes: float, n: int, link: LinkLike, microbatches: int
+) -> tuple[float, float]:
+    """(gradient reduce-scatter, parameter all-gathers) seconds of one ZeRO-3 training step.
+
+    What is modelled is what trainplan's runtime executes for ZeRO-3: PyTorch FSDP2
+    ``fully_shard(reshard_after_forward=True)`` with gradient accumulation under
+    ``set_requires_gradient_sync(False)`` (trainplan.runtime.data_parallel). FSDP2's
+    pre-forward and pre-backward hooks all-gather the parameters and its post-forward and
+    post-backward hooks free them (PyTorch documentation, ``torch.distributed.fsdp.fully_shard``,
+    the user contract; ``reshard_after_backward`` defaults to true), so every one of the ``m``
+    micro-batches all-gathers the parameters twice, once for its forward and once for its
+    backward; the gradients are reduce-scattered once per step, in the last micro-batch's
+    backward. No parameter all-gather follows the update: each rank keeps only its shard.
+
+    Volume: ``Ψ`` bytes reduce-scattered plus ``2·m·Ψ`` gathered. With ``m = 1`` that is the
+    ``3Ψ`` of Rajbhandari et al. 2020 (Sec. 7.2.2), 1.5x baseline data parallelism's ``2Ψ``
+    all-reduce; DeepSpeed's stage 3 likewise re-gathers per micro-batch. Each collective is a ring
+    (:func:`reduce_scatter_time_s`, :func:`all_gather_time_s`); ``param_bytes`` at the compute
+    dtype, ``grad_bytes`` at the gradient's wire dtype.
+    """
+    if microbatches <= 0:
+        raise ValueError(f"micro-batches must be positive, got {microbatches}")
+    return reduce_scatter_time_s(grad_bytes, n, link), 2 * microbatches * all_gather_time_s(param_bytes, n, link)
+
+
 def allreduce_time_s(
     nbytes: float, n: int, link: LinkLike, algorithm: Literal["native", "ring", "tree"]
 ) -> float:
@@ -269,6 +295,60 @@ def tp_comm_time_per_layer(
     else:
         one = ring_allreduce_time_s(nbytes, tp, link)
     return 2.0 * one, 2.0 * one
+
+
+# Megatron-LM's vocabulary-parallel cross-entropy all-reduces three values per token in the
+# forward — the logit maximum, the target's logit and the sum of exponentials — each in fp32
+# (Megatron-LM, megatron/core/tensor_parallel/cross_entropy.py, ``_VocabParallelCrossEntropy``).
+CROSS_ENTROPY_ALLREDUCES = 3
+CROSS_ENTROPY_BYTES = 4
+
+
+def tp_edge_comm_time(
+    kind: Literal["embedding", "head"],
+    facts: TransformerFacts,
+    micro_batch: int,
+    tp: int,
+    link: LinkLike,
+    sequence_parallel: bool,
+    dtype_bytes: int,
+) -> tuple[float, float]:
+    """(forward, backward) seconds of tensor-parallel communication of the vocabulary-parallel
+    embedding or the column-parallel LM head, per micro-batch.
+
+    Shoeybi et al. 2019 (Megatron-LM, Sec. 3, Fig. 3 and the "input embedding" / "output
+    embedding" paragraphs) with the conjugate operators ``f`` (identity forward, all-reduce
+    backward) and ``g`` (all-reduce forward, identity backward):
+
+    * embedding: each rank looks up its slice of the vocabulary and the partial ``b·s·h``
+      outputs are summed by ``g`` — an all-reduce in the **forward only**; the backward is local
+      (each rank's weight gradient needs only the replicated output gradient it already holds).
+    * LM head: column-parallel over the vocabulary, fused with a parallel cross-entropy so only
+      ``b·s`` scalars cross ranks in the forward ("communicating scalar losses instead of
+      logits"; three fp32 all-reduces in Megatron-LM's ``_VocabParallelCrossEntropy``); its input
+      enters through ``f``, so the ``b·s·h`` input gradient is all-reduced in the **backward only**.
+
+    With sequence parallelism (Korthikanti et al. 2022, Sec. 4.2.2, ``g``/``ḡ``) the embedding's
+    all-reduce becomes a reduce-scatter into the sequence-split region and its backward an
+    all-gather of the gradient; the head all-gathers its sequence-split input in the forward and
+    reduce-scatters the input gradient in the backward (Megatron-LM's
+    ``reduce_scatter_to_sequence_parallel_region`` / ``gather_from_sequence_parallel_region``).
+    Seconds; ``dtype_bytes`` per activation element.
+    """
+    if kind not in ("embedding", "head"):
+        raise ValueError(f"kind must be 'embedding' or 'head', got {kind!r}")
+    if tp == 1:
+        return 0.0, 0.0
+    tokens = float(micro_batch) * facts.seq_len
+    nbytes = tokens * facts.hidden * dtype_bytes
+    if kind == "embedding":
+        if sequence_parallel:
+            return reduce_scatter_time_s(nbytes, tp, link), all_gather_time_s(nbytes, tp, link)
+        return ring_allreduce_time_s(nbytes, tp, link), 0.0
+    loss = CROSS_ENTROPY_ALLREDUCES * ring_allreduce_time_s(tokens * CROSS_ENTROPY_BYTES, tp, link)
+    if sequence_parallel:
+        return all_gather_time_s(nbytes, tp, link) + loss, reduce_scatter_time_s(nbytes, tp, link)
+    return loss, ring_allreduce_time_s(nbytes, tp, link)
 
 
 def pipeline_p2p_time(

@@ -227,6 +227,49 @@ def recompute_transient_bytes(
     raise ValueError(f"unknown recompute policy {recompute!r}; expected 'none', 'selective' or 'full'")
 
 
+def traced_activation_bytes(
+    none: float,
+    none_sharded: float,
+    selective: float,
+    selective_sharded: float,
+    full: float,
+    micro_batch: int,
+    tp: int,
+    sequence_parallel: bool,
+    recompute: Recompute,
+) -> tuple[float, float]:
+    """(stored, transient) bytes of one traced unit per micro-batch on one TP rank.
+
+    The inputs are what the traced model's own ops save for backward per sample, in bytes at the
+    compute dtype (``model_costs.traced_activations``): ``none``, ``selective`` (the runtime's
+    policy: inputs plus the outputs of matrix products, norm kernels and activation functions) and
+    ``full`` (the unit's inputs); ``*_sharded`` is the part inside the column- to row-parallel
+    region, divided by ``t``; the rest is divided by ``t`` only with sequence parallelism
+    (Korthikanti et al. 2022, Sec. 4.2's split, applied to the saved tensors themselves rather than
+    to the closed form, which counts attention scores that fused attention kernels never store).
+    Scaled linearly by the micro-batch (the trace is at batch 1). ``transient``: what one unit
+    rebuilds in its backward when recomputed (full: its ``none`` bytes; selective: the difference),
+    live once per stage, as in :func:`recompute_transient_bytes`.
+    """
+    if tp <= 0:
+        raise ValueError(f"tensor-parallel degree must be positive, got {tp}")
+    sp_div = tp if sequence_parallel else 1
+
+    def local(total: float, sharded: float) -> float:
+        return micro_batch * ((total - sharded) / sp_div + sharded / tp)
+
+    stored_none = local(none, none_sharded)
+    if recompute == "none":
+        return stored_none, 0.0
+    if recompute == "selective":
+        stored = local(selective, selective_sharded)
+    elif recompute == "full":
+        stored = micro_batch * full / sp_div
+    else:
+        raise ValueError(f"unknown recompute policy {recompute!r}; expected 'none', 'selective' or 'full'")
+    return stored, max(0.0, stored_none - stored) if recompute == "selective" else stored_none
+
+
 def embedding_activation_bytes(facts: TransformerFacts, micro_batch: int, tp: int, sequence_parallel: bool) -> float:
     """Bytes the input embedding keeps per micro-batch: its dropout mask, ``s·b·h`` one-byte elements.
 

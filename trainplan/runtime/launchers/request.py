@@ -56,11 +56,13 @@ def plan_shape(plan: Plan) -> Shape:
     """The plan's cluster shape, refusing a plan whose cluster and mesh disagree on the device count."""
     cluster = plan.spec.cluster
     mesh = plan.mesh
-    if cluster.world_size != mesh.world_size:
+    servers = plan.ps_servers_dedicated
+    if cluster.world_size != plan.world_size:  # the mesh's workers and any dedicated parameter servers
         raise DeviceCountError(
             f"the plan's cluster has {cluster.nodes} nodes x {cluster.devices_per_node} devices = "
-            f"{cluster.world_size}, but its mesh pp={mesh.pp} x dp={mesh.dp} x tp={mesh.tp} needs "
-            f"{mesh.world_size}; the plan is inconsistent (edited by hand?): re-plan it with `trainplan plan SPEC`"
+            f"{cluster.world_size}, but its mesh pp={mesh.pp} x dp={mesh.dp} x tp={mesh.tp}"
+            f"{f' + {servers} dedicated parameter servers' if servers else ''} needs "
+            f"{plan.world_size}; the plan is inconsistent (edited by hand?): re-plan it with `trainplan plan SPEC`"
         )
     return Shape(cluster.nodes, cluster.devices_per_node, cluster.backend == "nccl")
 
