@@ -125,6 +125,7 @@ def baseline(steps: int, folder: Path) -> float:
 def baseline_worker(steps: int, out: Path) -> None:
     """The hand-written script: the same model, data, optimizer and threads, plain DDP."""
     torch.set_num_threads(default_threads(NPROC))
+    torch.set_flush_denormal(True)  # as trainplan's CPU workers do, so the ratio measures the runtime's overhead
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     rank = dist.get_rank()
     s = spec(steps)

@@ -24,6 +24,7 @@ from trainplan.models.registry import classification_loss
 from trainplan.runtime.data_parallel import optimizer_kwargs
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.launch import run_reference
+from trainplan.runtime.precision import flush_denormals
 
 SCRIPT = Path(__file__).with_name("auto_script.py")
 TINY_GPT = GPTConfig(layers=2, hidden=32, heads=4, vocab=64, seq_len=16)
@@ -100,6 +101,7 @@ def test_a_spec_made_for_a_model_object_cannot_be_run_without_it() -> None:
 def _user_reference(steps: int = 3) -> list[float]:
     """The plain single-process loop a user would write for the script's ``user`` model."""
     training = TrainingSpec.model_validate(USER_TRAINING)
+    flush_denormals(torch.device("cpu"))  # as trainplan's workers compute
     model = user_model()
     optimizer = torch.optim.Adam(model.parameters(), **optimizer_kwargs(training))
     task = TaskSpec(kind="classification", input_shape=[12], classes=10)

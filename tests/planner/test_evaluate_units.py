@@ -219,3 +219,40 @@ def test_the_search_simulates_each_chunk_with_its_own_time():
     averaged = simulate(compiled(lay.schedule, lay.pp, lay.num_microbatches, 2),
                         [[s.fwd / 2] * 2 for s in ev.stages], [[s.bwd / 2] * 2 for s in ev.stages], ev.p2p_s)
     assert timeline.makespan != pytest.approx(averaged.makespan, rel=1e-9)
+
+
+# ------------------------------------------------------------------- 5. data-parallel collectives as the runtime runs them
+
+
+def test_fsdp_collectives_pay_latency_per_unit_at_the_same_volume():
+    link = load_preset("cpu-local").intra_node
+    one = cost.zero3_comm_time_s(8e6, 8e6, 4, link, 2)
+    five = cost.zero3_comm_time_s(8e6, 8e6, 4, link, 2, collectives=5)
+    assert five[0] - one[0] == pytest.approx(4 * 3 * link.latency)  # 4 more reduce-scatters of n-1 = 3 hops
+    assert five[1] - one[1] == pytest.approx(2 * 2 * 4 * 3 * link.latency)  # 2 gathers x 2 micro-batches x 4 more
+    zero2 = cost.zero3_comm_time_s(8e6, 8e6, 4, link, 2, collectives=5, gathers_per_microbatch=1)
+    assert zero2[1] == pytest.approx(five[1] / 2)
+
+
+def test_zero1_broadcasts_each_owners_bucket_after_the_step():
+    link = load_preset("cpu-local").intra_node
+    t = cost.zero1_broadcast_time_s(4e6, 4, link)
+    assert t == pytest.approx(4 * 2 * link.latency + 4e6 / link.bandwidth)
+    assert cost.zero1_broadcast_time_s(4e6, 1, link) == 0.0
+
+
+def test_on_gloo_nothing_hides_the_gradient_exchange():
+    """CPU processes move and sum gradients on the cores that compute: exposed time = the whole exchange."""
+    from trainplan.planner.evaluate import dp_exposed, dp_gradient_time, evaluate
+
+    model = model_costs_from_facts(GPT)  # ~0.4 GB of fp32 gradients: many DDP buckets to overlap on GPUs
+    ctx = Context(cluster=load_preset("cpu-local"), precision="fp32", optimizer="adam", global_batch=16,
+                  tokens_per_sample=GPT.seq_len, allreduce="native")
+    lay = _layout(dp=4, micro_batch=4)
+    stages = list(evaluate(model, lay, ctx).stages)
+    exposed, algo, _ = dp_exposed(ctx, lay, stages, model)
+    assert exposed == pytest.approx(dp_gradient_time(ctx, stages[0].params, lay, algo))
+    gpu = Context(cluster=load_preset("a100-80g"), precision="fp32", optimizer="adam", global_batch=16,
+                  tokens_per_sample=GPT.seq_len, allreduce="native")
+    gpu_stages = list(evaluate(model, lay, gpu).stages)
+    assert dp_exposed(gpu, lay, gpu_stages, model)[0] < dp_gradient_time(gpu, gpu_stages[0].params, lay, algo)

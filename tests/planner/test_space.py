@@ -49,6 +49,9 @@ def test_schedules():
     assert schedules(1, 96, 8, "gpipe") == [("gpipe", 1)]
     assert ("interleaved", 2) in schedules(4, 96, 8)
     assert all(s != "interleaved" for s, _ in schedules(4, 96, 6))
+    # torch's Schedule1F1B refuses fewer micro-batches than stages: only GPipe then
+    assert schedules(2, 4, 1) == [("gpipe", 1)]
+    assert ("1f1b", 1) in schedules(2, 4, 2)
     assert divisors(12) == [1, 2, 3, 4, 6, 12]
 
 

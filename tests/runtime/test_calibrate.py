@@ -34,6 +34,7 @@ from trainplan.runtime.calibrate import (
     cluster_from_measurement,
     fit_alpha_beta,
     gemm_efficiency,
+    link_from_allreduce,
     link_from_p2p,
     peak_flops,
     render_yaml,
@@ -210,9 +211,20 @@ def test_cluster_from_measurement_uses_only_measured_numbers() -> None:
     assert c.device.peak_flops == pytest.approx({"fp32": 80e9})  # no bf16/fp16 guesses kept from the preset
     assert c.device.efficiency == pytest.approx(0.75)
     assert c.device.memory == 8 * 2**30 and c.device.memory_reserved == 300 * 2**20
-    assert c.intra_node.bandwidth == pytest.approx(3e9, rel=1e-3)
+    # the helper's all-reduce takes 2x the ping-pong: 2*40 us + 2 S / 3 GB/s = ring(n=2) with alpha 40 us, beta 1.5 GB/s
+    assert c.intra_node.bandwidth == pytest.approx(1.5e9, rel=1e-3)
     assert c.intra_node.latency == pytest.approx(40e-6, rel=1e-3)
     assert c.inter_node == c.intra_node
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_the_link_reproduces_the_measured_all_reduce_in_the_cost_models_ring(n: int) -> None:
+    alpha, beta = 300e-6, 0.8e9
+    measured = [(s, 2 * (n - 1) * alpha + 2 * (n - 1) / n * s / beta) for s in SIZES]
+    link = link_from_allreduce(measured, n)
+    assert link["latency"] == pytest.approx(alpha, rel=1e-3) and link["bandwidth"] == pytest.approx(beta, rel=1e-3)
+    with pytest.raises(ValueError):
+        link_from_allreduce(measured, 1)
 
 
 def test_single_process_takes_links_from_the_base_or_says_how() -> None:

@@ -436,7 +436,8 @@ def dp_gradient_time(ctx: Context, params: float, lay: Layout, algo: str) -> flo
     return seconds / comm.local_sgd_period if ctx.sync == "local_sgd" else seconds
 
 
-def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[float, str, bool]:
+def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
+               model: ModelCosts | None = None) -> tuple[float, str, bool]:
     """Exposed gradient synchronisation of the slowest stage, the algorithm used, whether it crosses nodes.
 
     ZeRO-1/2 reduce-scatter the gradients and all-gather the updated parameters: the same bytes as
@@ -454,16 +455,29 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost]) -> tuple[floa
     algo, _ = choose_allreduce(ctx, largest * ctx.grad_bytes, lay.dp, lay.tp, hookable(lay))
     link = cost.group_link(ctx.cluster, lay.dp, lay.tp)
     worst = 0.0
-    for params, fwd, bwd in {(s.params, s.fwd, s.bwd) for s in stages}:  # identical middle stages once
+    units = {id(s): fsdp_units(model, s) for s in stages} if model is not None else {}
+    for params, fwd, bwd, k in {(s.params, s.fwd, s.bwd, units.get(id(s), 1)) for s in stages}:  # identical stages once
         grad = params * ctx.grad_bytes
-        if lay.zero == 3:  # ring only: FSDP2 takes no hook, no compression (space.runtime_runs_comm)
-            ar, gather = cost.zero3_comm_time_s(params * ctx.element_bytes, grad, lay.dp, link, lay.num_microbatches)
+        if lay.zero in (2, 3):  # FSDP2 (trainplan.runtime.data_parallel): ring collectives, one per unit
+            ar, gather = cost.zero3_comm_time_s(params * ctx.element_bytes, grad, lay.dp, link, lay.num_microbatches,
+                                                collectives=k, gathers_per_microbatch=2 if lay.zero == 3 else 1)
         else:
             ar, gather = dp_gradient_time(ctx, params, lay, algo), 0.0
-        exposed = cost.dp_overlap_exposed_time(ar, bwd, DDP_BUCKET_BYTES, grad)
-        exposed += max(0.0, gather - lay.num_microbatches * (fwd + bwd))
-        worst = max(worst, exposed)
+        after = cost.zero1_broadcast_time_s(params * ctx.element_bytes, lay.dp, link) if lay.zero == 1 else 0.0
+        if ctx.cluster.backend == "gloo":
+            # gloo moves and sums the bytes on the same CPU cores the model computes on: nothing hides it
+            exposed = ar + gather
+        else:
+            exposed = cost.dp_overlap_exposed_time(ar, bwd, DDP_BUCKET_BYTES, grad)
+            exposed += max(0.0, gather - lay.num_microbatches * (fwd + bwd))
+        worst = max(worst, exposed + after)
     return worst, algo, crosses
+
+
+def fsdp_units(model: ModelCosts, stage: StageCost) -> int:
+    """FSDP2 units of a stage as the runtime shards it: every block (ModuleList element) and the root."""
+    blocks = sum(1 for first, last in stage.ranges for i in range(first, last + 1) if model.units[i].kind == "block")
+    return blocks + 1
 
 
 def evaluate(
@@ -479,7 +493,7 @@ def evaluate(
         stages, fits = contiguous_stages(ctx, lay, model, px)
     p2p = p2p_seconds(ctx, lay, model)
     pipe = pipeline_estimate(lay, stages, p2p)
-    dp_s, algo, crosses = dp_exposed(ctx, lay, stages)
+    dp_s, algo, crosses = dp_exposed(ctx, lay, stages, model)
     # The update runs after the gradients are in; ZeRO-1+ updates a 1/dp shard on each rank.
     shard = lay.dp if lay.zero >= 1 else 1
     opt_s = max(cost.optimizer_step_time_s(s.params / shard, ctx.precision, ctx.optimizer, ctx.cluster.device) for s in stages)

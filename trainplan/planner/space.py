@@ -58,14 +58,15 @@ def tp_degrees(world: int, facts: TransformerFacts | None) -> list[int]:
 
 
 def schedules(pp: int, blocks: int, m: int, fixed: object = AUTO) -> list[tuple[str, int]]:
-    """(schedule, virtual stages) pairs; interleaving needs m % pp == 0 and blocks % (pp·v) == 0.
+    """(schedule, virtual stages) pairs; 1F1B needs m >= pp, interleaving m % pp == 0 and blocks % (pp·v) == 0.
 
     With one stage there is no pipeline: micro-batches run one after another (gradient
     accumulation), which the plan records as 1F1B unless the spec fixed GPipe.
     """
     if pp == 1:
         return [("gpipe" if fixed == "gpipe" else "1f1b", 1)]
-    out = [("gpipe", 1), ("1f1b", 1)]
+    # torch.distributed.pipelining's Schedule1F1B refuses fewer micro-batches than stages (torch 2.13)
+    out = [("gpipe", 1)] + ([("1f1b", 1)] if m >= pp else [])
     if m % pp == 0 and blocks % pp == 0:
         out += [("interleaved", v) for v in divisors(blocks // pp) if v > 1]
     return out

@@ -31,6 +31,7 @@ from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import build_mesh, check_world_size
 from trainplan.runtime.data_parallel import own_exchange
 from trainplan.runtime.parallelize import build_rank_model, check_layout, check_structure
+from trainplan.runtime.precision import flush_denormals
 from trainplan.runtime.stores import join_process_group
 from trainplan.runtime.train import Trainer
 
@@ -136,6 +137,7 @@ def parallelize(model: nn.Module, plan: Plan, *, task: TaskSpec | None = None,
         check_structure(plan, model, task or _task(plan))
     _process_group(plan)
     device = torch.device("cuda", torch.cuda.current_device()) if plan.spec.cluster.backend == "nccl" else torch.device("cpu")
+    flush_denormals(device)  # as trainplan's own workers do (trainplan.runtime.precision)
     mesh = build_mesh(plan.mesh, device=device, timeout_s=plan.collective_timeout_s)
     rank_model = build_rank_model(plan, mesh, model=model, task=task)
     return ParallelModel(plan, Trainer(plan, mesh, rank_model, loss_fn))

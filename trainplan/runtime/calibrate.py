@@ -384,6 +384,29 @@ def link_from_p2p(p2p: Sequence[tuple[int, float]]) -> dict[str, float]:
     return {"bandwidth": _sig(beta), "latency": _sig(alpha if alpha > 0 else min(times))}
 
 
+def link_from_allreduce(allreduce: Sequence[tuple[int, float]], n: int) -> dict[str, float]:
+    """The alpha-beta link that makes the cost model's ring all-reduce reproduce the measured one.
+
+    The planner charges an all-reduce of ``S`` bytes among ``n`` ranks ``2(n−1)·α + 2(n−1)/n · S/β``
+    (Patarasuk & Yuan 2009; :func:`trainplan.planner.cost.comm.ring_allreduce_time_s`). A
+    least-squares line ``t = a + S/b`` through the measured all-reduce times therefore gives
+    ``α = a / (2(n−1))`` and ``β = b · 2(n−1)/n``. Unlike a ping-pong between two ranks while the
+    others wait, this is measured with every process in the collective, as in training: where the
+    processes outnumber the cores (4 processes on 2 cores here) a collective's latency is the
+    scheduler's, many times the idle ping-pong's, and ZeRO-3 or tensor parallelism pay it per layer.
+    """
+    if n < 2:
+        raise ValueError(f"an all-reduce link needs at least 2 ranks, got {n}")
+    sizes, times = [b for b, _ in allreduce], [t for _, t in allreduce]
+    try:
+        intercept, bandwidth = fit_alpha_beta(sizes, times)
+    except ValueError as exc:
+        raise CalibrationError(f"cannot fit the all-reduce timings: {exc}; run again on a less loaded machine") from None
+    hops = 2 * (n - 1)
+    latency = intercept / hops if intercept > 0 else min(times) / hops
+    return {"bandwidth": _sig(bandwidth * hops / n), "latency": _sig(latency)}
+
+
 def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster:
     """The cluster description of a measurement; ``base`` (a preset) fills what was not measured:
     power and price, and the links when a single process had no peer to measure them with."""
@@ -404,7 +427,7 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
     if m.kernel_launch is not None:
         measured["device"]["kernel_launch"] = _sig(m.kernel_launch)
     if m.p2p:
-        link = link_from_p2p(m.p2p)
+        link = link_from_allreduce(m.allreduce, m.nproc) if m.allreduce else link_from_p2p(m.p2p)
         measured.update(intra_node=link, inter_node=dict(link))
     elif base is None:
         raise CalibrationError("one process cannot measure links; run with --nproc 2 or more, "
@@ -457,10 +480,17 @@ def summary_lines(m: Measurement) -> list[str]:
     return lines
 
 
+def _p2p_text(m: Measurement) -> str:
+    link = link_from_p2p(m.p2p)
+    return f"{link['bandwidth'] / 1e9:.3g} GB/s, {link['latency'] * 1e6:.3g} us"
+
+
 def render_yaml(cluster: Cluster, m: Measurement) -> str:
     """The cluster as YAML: a header comment from :func:`summary_lines`, then the fields."""
     data = cluster.model_dump(mode="json", by_alias=True, exclude_none=True)
-    notes = {"intra_node": "Bandwidth in bytes/s, latency in seconds: the p2p fit above."
+    notes = {"intra_node": ("Bandwidth in bytes/s, latency in seconds: fitted so that the cost model's ring all-reduce "
+                            "(2(n-1) latency + 2(n-1)/n bytes / bandwidth) reproduces the all-reduce above, measured with "
+                            f"every process taking part (the idle ping-pong fit would say {_p2p_text(m)})")
                            if m.p2p else "Not measured (one process): taken from the base preset.",
              "inter_node": "One host: nothing between nodes was measured, so inter_node repeats intra_node. "
                            "For several hosts, write the network's figures here."}

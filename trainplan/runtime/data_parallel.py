@@ -311,7 +311,9 @@ def optimizer_kwargs(training: TrainingSpec) -> dict[str, object]:
 def make_optimizer(params: list[nn.Parameter], training: TrainingSpec, zero: int, mesh: RankMesh | None) -> torch.optim.Optimizer:
     """The spec's optimizer over ``params``; ZeRO-1 partitions its state over the dp group."""
     if zero == 1 and mesh is not None and mesh.shape.dp > 1:
+        # One flat bucket per owner rank: the updated shards are broadcast as dp messages, not one per parameter.
         return ZeroRedundancyOptimizer(
-            params, optimizer_class=optimizer_class(training), process_group=mesh.group("dp"), **optimizer_kwargs(training)
+            params, optimizer_class=optimizer_class(training), process_group=mesh.group("dp"),
+            parameters_as_bucket_view=True, **optimizer_kwargs(training)
         )
     return optimizer_class(training)(params, **optimizer_kwargs(training))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -24,6 +24,40 @@ from torch.distributed.tensor import DTensor
 from trainplan.ir.spec import Precision
 
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def flush_denormals(device: torch.device) -> bool:
+    """On CPU, compute with subnormal floats flushed to zero (x86 FTZ/DAZ); True when it took effect.
+
+    A language model that has learnt its data assigns most of the vocabulary probabilities below
+    fp32's smallest normal number (1.2e-38), so the softmax's gradient, and every product with it,
+    is full of subnormals, which x86 cores process with a microcode assist at a small fraction of
+    their normal speed: on this project's laptop GPT the backward pass ran 3.5x slower (53.6 ms
+    against 15.4 ms per forward + backward, one process). Flushing changes only values below
+    1.2e-38, as TensorFlow does on CPUs by default. The single-process reference run flushes too,
+    so a parallel run and its reference still compute the same numbers. GPUs are left alone
+    (their math libraries already flush where it matters).
+    """
+    if device.type != "cpu":
+        return False
+    return bool(torch.set_flush_denormal(True))
+
+
+def flushing_denormals() -> bool:
+    """Whether this process flushes subnormal floats now (torch offers no getter: test one)."""
+    return float(torch.tensor([1e-39], dtype=torch.float32) * 1.0) == 0.0
+
+
+@contextlib.contextmanager
+def denormals_flushed(device: torch.device) -> Iterator[None]:
+    """:func:`flush_denormals` for the block, then the previous setting (for runs inside a caller's process)."""
+    before = flushing_denormals()
+    flush_denormals(device)
+    try:
+        yield
+    finally:
+        if device.type == "cpu":
+            torch.set_flush_denormal(before)
 
 
 def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:

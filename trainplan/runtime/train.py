@@ -30,7 +30,7 @@ from trainplan.runtime.mesh import RankMesh
 from trainplan.runtime.metrics import MetricsWriter, StepMetrics, layout_text, peak_memory_bytes, reset_peak_memory
 from trainplan.runtime.parallelize import RankModel, build_rank_model
 from trainplan.runtime.pipeline import PipelineRunner
-from trainplan.runtime.precision import LossScaler, autocast, autocast_loss
+from trainplan.runtime.precision import LossScaler, autocast, autocast_loss, denormals_flushed
 from trainplan.runtime.tensor_parallel import loss_context
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -207,10 +207,15 @@ def save_full_parameters(rank_model: RankModel, mesh: RankMesh, folder: Path) ->
 def run_reference(spec: Spec, out_dir: str | Path, steps: int | None = None, *, save_params: bool = False) -> None:
     """The plain single-process run of ``spec``: the whole model, the whole global batch per step.
 
-    This is what ``--nproc 1`` means and what every parallel layout must reproduce.
+    This is what ``--nproc 1`` means and what every parallel layout must reproduce. It computes
+    with subnormals flushed, as the parallel workers do (:func:`~trainplan.runtime.precision.flush_denormals`),
+    and restores the caller's setting afterwards (it may run inside another program's process).
     """
-    out_dir = Path(out_dir)
-    steps = steps or spec.training.steps
+    with denormals_flushed(torch.device("cpu")):
+        _reference_run(spec, Path(out_dir), steps or spec.training.steps, save_params)
+
+
+def _reference_run(spec: Spec, out_dir: Path, steps: int, save_params: bool) -> None:
     device = torch.device("cpu")
     seed_random_ops(spec.training.seed, None)
     built = build_meta_model(spec)

@@ -39,6 +39,7 @@ from trainplan.runtime.data_parallel import parse_straggler
 from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.mesh import build_mesh, check_world_size
 from trainplan.runtime.parallelize import check_plan
+from trainplan.runtime.precision import flush_denormals
 from trainplan.runtime.stores import join_process_group
 from trainplan.runtime.train import train
 
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace, current: list[Path]) -> None:
         torch.set_num_threads(args.threads)
     backend = plans[0].spec.cluster.backend
     device = select_device(backend, env_int("LOCAL_RANK", 0))
+    flush_denormals(device)
     timeout = timedelta(seconds=min(plan.collective_timeout_s for plan in plans))
     checkpoint = checkpoint_options(args)
     join_process_group(backend, timeout, device)

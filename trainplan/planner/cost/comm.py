@@ -109,7 +109,8 @@ def all_gather_time_s(nbytes: float, n: int, link: LinkLike) -> float:
 
 
 def zero3_comm_time_s(
-    param_bytes: float, grad_bytes: float, n: int, link: LinkLike, microbatches: int
+    param_bytes: float, grad_bytes: float, n: int, link: LinkLike, microbatches: int,
+    *, collectives: int = 1, gathers_per_microbatch: int = 2,
 ) -> tuple[float, float]:
     """(gradient reduce-scatter, parameter all-gathers) seconds of one ZeRO-3 training step.
 
@@ -128,10 +129,39 @@ def zero3_comm_time_s(
     all-reduce; DeepSpeed's stage 3 likewise re-gathers per micro-batch. Each collective is a ring
     (:func:`reduce_scatter_time_s`, :func:`all_gather_time_s`); ``param_bytes`` at the compute
     dtype, ``grad_bytes`` at the gradient's wire dtype.
+
+    FSDP2 runs one collective per FSDP unit (every block and the root module are units in
+    trainplan's runtime), so each of these exchanges is ``collectives`` rings over ``1/collectives``
+    of the bytes: the same volume, ``collectives`` times the latency — which dominates on links
+    whose latency is large next to a block's bytes (gloo between processes sharing cores).
+    ZeRO-2 as the runtime runs it (``reshard_after_forward=False``) keeps the gathered parameters
+    from a micro-batch's forward to its backward and frees them after: one gather per
+    micro-batch, ``gathers_per_microbatch = 1``.
     """
-    if microbatches <= 0:
-        raise ValueError(f"micro-batches must be positive, got {microbatches}")
-    return reduce_scatter_time_s(grad_bytes, n, link), 2 * microbatches * all_gather_time_s(param_bytes, n, link)
+    if microbatches <= 0 or collectives <= 0 or gathers_per_microbatch <= 0:
+        raise ValueError(f"micro-batches, collectives and gathers must be positive, got {microbatches}, "
+                         f"{collectives}, {gathers_per_microbatch}")
+    k = collectives
+    scatter = k * reduce_scatter_time_s(grad_bytes / k, n, link)
+    gathers = gathers_per_microbatch * microbatches * k * all_gather_time_s(param_bytes / k, n, link)
+    return scatter, gathers
+
+
+def zero1_broadcast_time_s(param_bytes: float, n: int, link: LinkLike) -> float:
+    """Seconds to send every rank the parameters the others updated, as ZeRO-1 runs in trainplan's runtime.
+
+    torch's ``ZeroRedundancyOptimizer`` (with ``parameters_as_bucket_view``) steps the 1/n of the
+    parameters each rank owns and then broadcasts each owner's flat bucket to the group: ``n``
+    broadcasts of ``S/n`` bytes, each a pipelined binary tree (``⌈log2 n⌉·α + (S/n)/β``, the one-way
+    half of the two-tree reduction of Sanders, Speck & Träff 2009). Total: ``n·⌈log2 n⌉·α + S/β``.
+    It runs after the optimizer step, so nothing overlaps it. The gradients before it are
+    all-reduced in full by DDP (``2(n−1)/n·S`` of traffic), so this runtime's ZeRO-1 moves about 1.5x
+    the ``2Ψ`` of Rajbhandari et al. 2020 (Sec. 7.2.1), whose stage 1 reduce-scatters instead.
+    """
+    _check(param_bytes, n)
+    if n == 1:
+        return 0.0
+    return n * (math.ceil(math.log2(n)) * link.latency + param_bytes / n / link.bandwidth)
 
 
 def allreduce_time_s(
