@@ -129,3 +129,25 @@ def test_parameter_server_with_a_stalled_worker_fails_within_the_timeout(tmp_pat
     print(message.splitlines()[:3], f"{elapsed:.1f} s")
     assert "parameter server" in message or "timed out" in message.lower(), message
     assert elapsed < 3 * TIMEOUT_S + 30, elapsed
+
+
+def test_powersgd_with_several_buckets_and_accumulation_keeps_every_ranks_order(tmp_path: Path) -> None:
+    """The laptop GPT's gradients fill more than one DDP bucket (the first is 1 MiB): torch's hook
+    chains each bucket's all-reduces through gloo callbacks, and without one bucket at a time the
+    ranks issued them in different orders (a size-mismatch crash at the first compressed step with
+    one micro-batch, a hang with four)."""
+    from trainplan import api
+    from trainplan.runtime.launch import launch
+
+    for micro_batch in (1, 4):
+        spec = api.load_spec(Path(__file__).resolve().parents[2] / "plans" / "laptop-gpt-tiny.yaml")
+        data = spec.model_dump(mode="json", by_alias=True)
+        data["cluster"] = {"preset": "cpu-local", "devices_per_node": 4}
+        data["training"]["steps"] = 3
+        data["parallel"].update(dp=4, tp=1, pp=1, zero=0, micro_batch=micro_batch, compression="powersgd",
+                                allreduce="native", comm={"powersgd_rank": 2})
+        plan = api.plan(api.spec_from_dict(data))[0].model_copy(update={"collective_timeout_s": 30})
+        out = tmp_path / f"mb{micro_batch}"
+        assert launch(plan, nproc=4, out_dir=out) == 0, (out / "error.txt").read_text()
+        wire = [m["wire_bytes"] for m in metrics(out)]
+        assert len(wire) == 3 and 0 < wire[2] < wire[0] / 4  # step 3 compressed (torch starts at iteration 2)

@@ -620,7 +620,8 @@ class Checkpointer:
 
     def _all_written(self) -> bool:
         """Whether every rank's background write is done (a MIN all-reduce, so every rank decides alike)."""
-        assert self._pending is not None and self._pending.future is not None
+        if self._pending is None or self._pending.future is None:
+            raise RuntimeError("internal error: no asynchronous checkpoint write is pending")
         flag = torch.tensor([1 if self._pending.future.done() else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(int(flag))
@@ -628,7 +629,8 @@ class Checkpointer:
     def _complete_pending(self) -> None:
         """Wait for this rank's background write (re-raising its error), then commit on every rank."""
         pending, self._pending = self._pending, None
-        assert pending is not None and pending.future is not None
+        if pending is None or pending.future is None:
+            raise RuntimeError("internal error: no asynchronous checkpoint write is pending")
         try:
             pending.future.result()
         except Exception as exc:  # noqa: BLE001 - DCP gathers every rank's write error; say which checkpoint

@@ -21,6 +21,7 @@ for the backend's own collectives, the ring model of the payload it hands over, 
 # annotations with dist.GradBucket and Future[Tensor] as objects, and refuses strings.
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,7 +41,15 @@ from trainplan.runtime.collectives.hooks import (
     hook_for,
 )
 from trainplan.runtime.collectives.native import all_gather_native
-from trainplan.runtime.collectives.p2p import Comm, WireCounter, group_rank, group_size, split_views
+from trainplan.runtime.collectives.p2p import (
+    DEFAULT_TIMEOUT,
+    CollectiveError,
+    Comm,
+    WireCounter,
+    group_rank,
+    group_size,
+    split_views,
+)
 from trainplan.runtime.collectives.ring import ring_all_gather
 from trainplan.runtime.collectives.wire import all_gather_elements_sent, allreduce_elements_sent, ring_elements_sent
 
@@ -196,7 +205,7 @@ class PowerSGDHookState:
     all-reduces, read from torch's own ``total_numel_after_compression`` and its P and Q buffers."""
 
     def __init__(self, group: dist.ProcessGroup | None, options: CompressionOptions,
-                 counter: WireCounter | None) -> None:
+                 counter: WireCounter | None, timeout: timedelta | None = None) -> None:
         self.torch_state = PowerSGDState(
             process_group=group, matrix_approximation_rank=options.powersgd_rank,
             start_powerSGD_iter=options.powersgd_start_iter,
@@ -206,9 +215,31 @@ class PowerSGDHookState:
         self.counter = counter if counter is not None else WireCounter()
         self.payload = 0
         self.calls = 0
+        self.previous: torch.futures.Future[torch.Tensor] | None = None
+        self.timeout_s = (timeout or DEFAULT_TIMEOUT).total_seconds()
 
     def close(self) -> None:
         """Nothing to stop: torch's hook runs on the backend's own threads."""
+
+    def wait_previous(self) -> None:
+        """Let the previous bucket's all-reduces finish before this bucket starts its own.
+
+        torch's hook chains each bucket's all-reduces (uncompressed part, P, Q) through future
+        callbacks, which gloo runs on its own threads: with two or more buckets in flight, ranks
+        can issue bucket 0's P and bucket 1's first all-reduce in different orders, a collective
+        mismatch (gloo: "Received data size doesn't match expected size", or a hang). One bucket
+        at a time keeps every rank's order the same. The wait is bounded by the collective timeout.
+        """
+        previous, self.previous = self.previous, None
+        if previous is None:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while not previous.done():
+            if time.monotonic() > deadline:
+                raise CollectiveError(f"powersgd: the previous bucket's all-reduces did not finish within "
+                                      f"{self.timeout_s:.0f} s; another rank probably died or stalled")
+            time.sleep(0.0005)
+        previous.wait()  # re-raises that bucket's error, if any
 
     def count(self, parts: Sequence[int], element_size: int) -> None:
         """One all-reduce per part (torch's uncompressed block, P, Q), modeled as the backend's ring."""
@@ -222,7 +253,9 @@ def powersgd_hook(state: PowerSGDHookState, bucket: dist.GradBucket) -> torch.fu
     state.calls += 1
     plain = ts.iter < ts.start_powerSGD_iter
     before = ts.total_numel_after_compression
+    state.wait_previous()
     future = powerSGD_hook(ts, bucket)
+    state.previous = future
     buffer = bucket.buffer()
     if plain:
         state.count([buffer.numel()], buffer.element_size())
@@ -255,7 +288,7 @@ def compression_hook(kind: Compression, algorithm: str = "native", group: dist.P
     if algorithm != "native":
         raise ValueError(f"powersgd uses torch's powerSGD_hook, whose all-reduces are the backend's own; "
                          f"use algorithm 'native', not {algorithm!r}")
-    return CommHook(PowerSGDHookState(group, options, counter), powersgd_hook)
+    return CommHook(PowerSGDHookState(group, options, counter, timeout), powersgd_hook)
 
 
 # ---------------------------------------------------------------- bytes per step

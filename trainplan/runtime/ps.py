@@ -316,7 +316,8 @@ class ParameterServerClient:
         grad = flat([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.shards[j]])
         grad = grad.to(torch.float32)
         if j == self.local:
-            assert self.server is not None
+            if self.server is None:
+                raise RuntimeError("internal error: no co-located server thread on this rank")
             self.server.queue.put(Push(self.me, index, self.bases[j], grad))
             return
         head = torch.tensor([self.me, index, self.bases[j]], dtype=torch.int64)
@@ -327,7 +328,8 @@ class ParameterServerClient:
 
     def _pull(self, j: int) -> Reply:
         if j == self.local:
-            assert self.server is not None
+            if self.server is None:
+                raise RuntimeError("internal error: no co-located server thread on this rank")
             slot = self.server.slot
             if not slot.done.wait(self.timeout_s) or self.server.error is not None or slot.reply is None:
                 raise self.server.error or CollectiveError(

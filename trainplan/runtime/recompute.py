@@ -99,7 +99,8 @@ SAVED_OPS = _ops(_aten, ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolu
                          "gelu", "silu", "relu", "mish")) | _ops(
     torch.ops._c10d_functional, ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor",
                                  "all_to_all_single", "wait_tensor"))
-assert not SAVED_OPS & ATTENTION_CORE
+if SAVED_OPS & ATTENTION_CORE:  # the attention core is what selective recomputation recomputes
+    raise RuntimeError(f"internal error: attention-core ops marked as saved: {SAVED_OPS & ATTENTION_CORE}")
 
 
 class AttentionCorePolicy:
