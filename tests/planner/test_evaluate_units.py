@@ -108,16 +108,13 @@ def test_zero3_step_exposes_one_reduce_scatter_and_the_gathers_compute_cannot_hi
 # ------------------------------------------------------------------- 3. interleaved virtual stages
 
 
-def test_interleaved_plan_reports_each_virtual_stages_own_time():
-    """Each chunk's fwd/bwd is the sum of its own units, not its pipeline rank's average."""
+def _interleaved_gpt():  # noqa: ANN202 - (TransformerFacts, Spec)
+    """An 8-layer GPT on one A100 node with pp=2 interleaved over 2 chunks per rank (uneven chunks)."""
     from trainplan.ir.loading import validate
     from trainplan.ir.spec import Spec
-    from trainplan.planner import context_for
-    from trainplan.planner.build_plan import build_plan
-    from trainplan.planner.search import search
 
     facts = TransformerFacts("decoder", 8, 1024, 16, 16, 4096, 51200, 1024, True)
-    spec = validate(Spec, {
+    return facts, validate(Spec, {
         "name": "gpt-small",
         "model": {"catalogue": "gpt", "args": {"layers": 8, "hidden": 1024, "heads": 16, "vocab": 51200, "seq_len": 1024}},
         "task": {"kind": "lm", "seq_len": 1024, "vocab": 51200},
@@ -125,6 +122,15 @@ def test_interleaved_plan_reports_each_virtual_stages_own_time():
         "cluster": {"preset": "a100-80g", "nodes": 1},
         "parallel": {"tp": 1, "pp": 2, "schedule": "interleaved", "virtual_stages": 2},
     })
+
+
+def test_interleaved_plan_reports_each_virtual_stages_own_time():
+    """Each chunk's fwd/bwd is the sum of its own units, not its pipeline rank's average."""
+    from trainplan.planner import context_for
+    from trainplan.planner.build_plan import build_plan
+    from trainplan.planner.search import search
+
+    facts, spec = _interleaved_gpt()
     model, ctx = model_costs_from_facts(facts), context_for(spec)
     result = search(model, spec.parallel, ctx)
     plan = build_plan(spec, model, result, ctx)
@@ -195,21 +201,11 @@ def test_traced_units_count_the_ops_that_launch_work():
 
 def test_the_search_simulates_each_chunk_with_its_own_time():
     """The refinement by simulation times interleaved chunks as the plan reports them, not as rank averages."""
-    from trainplan.ir.loading import validate
-    from trainplan.ir.spec import Spec
     from trainplan.planner import context_for
     from trainplan.planner.schedule import compiled, simulate
     from trainplan.planner.search import search, simulate_evaluation
 
-    facts = TransformerFacts("decoder", 8, 1024, 16, 16, 4096, 51200, 1024, True)
-    spec = validate(Spec, {
-        "name": "gpt-small",
-        "model": {"catalogue": "gpt", "args": {"layers": 8, "hidden": 1024, "heads": 16, "vocab": 51200, "seq_len": 1024}},
-        "task": {"kind": "lm", "seq_len": 1024, "vocab": 51200},
-        "training": {"global_batch": 64, "precision": "bf16", "optimizer": "adam", "steps": 10},
-        "cluster": {"preset": "a100-80g", "nodes": 1},
-        "parallel": {"tp": 1, "pp": 2, "schedule": "interleaved", "virtual_stages": 2},
-    })
+    facts, spec = _interleaved_gpt()
     ev = search(model_costs_from_facts(facts), spec.parallel, context_for(spec)).ranked[0]
     lay = ev.layout
     timeline = simulate_evaluation(ev)
