@@ -105,7 +105,8 @@ def _is_parameter(t: torch.Tensor) -> bool:
 
 
 class _Held:
-    """What a saved-tensor pack hook returns: the tensor, released from the count when autograd frees it."""
+    """What a saved-tensor pack hook returns: the tensor (detached, see :meth:`SavedTensorTracker.pack`),
+    released from the count when autograd frees it."""
 
     __slots__ = ("tensor", "key", "tracker")
 
@@ -126,9 +127,23 @@ class SavedTensorTracker:
         self.peak = 0
 
     def pack(self, t: torch.Tensor) -> Any:
+        """Count ``t``'s storage; return what autograd stores instead of ``t``.
+
+        What is returned holds ``t.detach()`` (same storage and version counter, no ``grad_fn``),
+        never ``t``: a pack result that references its input forms a reference cycle (saved output
+        -> its ``grad_fn`` -> the pack result -> the output) that runs through C++ autograd nodes,
+        which Python's garbage collector cannot see, so a graph never backpropagated is never freed
+        (warning in :class:`torch.autograd.graph.saved_tensors_hooks`: "use ``lambda x: x.detach()``
+        instead of ``lambda x: x``"). Such a graph exists: ``PipelineStage``'s metadata inference
+        runs a grad-enabled forward of micro-batch 0 on the first step, and on the first stage,
+        whose inputs (token ids) need no gradient, ``torch.autograd.grad`` is never called on it
+        (``_backward_metadata_inference`` / ``_autograd_grad_for_inputs`` in
+        ``torch/distributed/pipelining``); a cycle kept ~0.7 of a micro-batch alive and counted
+        for the rest of the run.
+        """
         key = storage_key(t)
         if key is None or _is_parameter(t):
-            return t
+            return t.detach()
         ptr, nbytes = key
         count = self.counts.get(ptr, 0)
         self.counts[ptr] = count + 1
@@ -136,7 +151,7 @@ class SavedTensorTracker:
             self.sizes[ptr] = nbytes
             self.live += nbytes
             self.peak = max(self.peak, self.live)
-        return _Held(t, ptr, self)
+        return _Held(t.detach(), ptr, self)
 
     @staticmethod
     def unpack(held: Any) -> torch.Tensor:
