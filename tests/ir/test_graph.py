@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from trainplan.ir.graph import BlockGroup, OpGraph, OpNode, ParamInfo, TensorValue, Unit, unit_activation_bytes
+from trainplan.ir.graph import (BlockGroup, OpGraph, OpNode, ParamInfo, TensorValue, Unit, saved_keys_before,
+                                unit_activation_bytes)
 
 
 def node(name: str, saved: tuple[tuple[str, int], ...] = (), **kw: object) -> OpNode:
@@ -57,6 +58,18 @@ def test_unit_activation_bytes_counts_each_saved_value_once() -> None:
     nodes = [node("q", (("ln", 100),)), node("k", (("ln", 100),)), node("v", (("ln", 100), ("v#1", 7)))]
     assert unit_activation_bytes(nodes) == 107
     assert sum(n.activation_bytes for n in nodes) == 307
+
+
+def test_a_value_saved_by_an_earlier_unit_is_not_counted_again() -> None:
+    # relu saves its output; the next unit's conv saves it as its input: one storage, counted first.
+    nodes = [node("conv", (("input:0", 12),)), node("relu", (("relu", 64),)),
+             node("conv_1", (("relu", 64),)), node("relu_1", (("relu_1", 64),)), node("linear", (("relu_1", 64),))]
+    spans = [(0, 2), (2, 4), (4, 5)]
+    earlier = saved_keys_before(nodes, spans)
+    assert earlier == [frozenset(), frozenset({"input:0", "relu"}), frozenset({"input:0", "relu", "relu_1"})]
+    counted = [unit_activation_bytes(nodes[a:b], e) for (a, b), e in zip(spans, earlier)]
+    assert counted == [76, 64, 0]
+    assert sum(counted) == unit_activation_bytes(nodes) == 12 + 64 + 64
 
 
 def test_block_groups_join_consecutive_units_of_one_type() -> None:

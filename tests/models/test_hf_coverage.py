@@ -79,7 +79,11 @@ def test_new_families_equal_the_library_forward_and_survive_the_meta_build(name:
 
 def test_vit_is_an_image_classifier_and_pipeline_stages_cut_it() -> None:
     built = build_model(_spec("hf-vit"), TaskSpec(kind="classification"), device="cpu")
-    assert (built.task.input_shape, built.task.classes, built.facts) == ([3, 8, 8], 10, None)
+    assert (built.task.input_shape, built.task.classes) == ([3, 8, 8], 10)
+    # An encoder over (8 / 4)^2 patch tokens and [CLS]; its head's outputs are the classes.
+    facts = built.facts
+    assert (facts.kind, facts.layers, facts.hidden, facts.heads, facts.ffn_hidden) == ("encoder", 2, 32, 4, 64)
+    assert (facts.seq_len, facts.vocab, facts.tied_embeddings, facts.tensor_parallel) == (5, 10, False, True)
     model = built.module.eval()
     init_parameters(model, seed=1)
     stages = split_stages(model, [["hf.vit.embeddings", "hf.vit.layers.0"],
@@ -109,8 +113,9 @@ def test_mistral_sequences_are_limited_to_the_sliding_window() -> None:
         resolve_task(spec, TaskSpec(seq_len=32))
 
 
-def test_gpt2_facts_keep_tensor_parallelism_off_and_hf_models_refuse_sequence_parallel() -> None:
-    gpt2 = build_model(_spec("hf-gpt2")).facts
-    llama = build_model(_spec("hf-llama")).facts
-    assert (gpt2.tensor_parallel, llama.tensor_parallel) == (False, True)
-    assert not llama.sequence_parallel
+def test_hf_facts_allow_tensor_parallelism_but_not_sequence_parallelism() -> None:
+    """GPT-2's fused q/k/v Conv1D has a tensor-parallel split (style ``qkv``); T5 has no facts (tp stays 1)."""
+    for name in ("hf-gpt2", "hf-llama", "hf-bert", "hf-vit"):
+        facts = build_model(_spec(name), TaskSpec.model_validate(COVERAGE.CORPUS[name][1])).facts
+        assert facts.tensor_parallel and not facts.sequence_parallel, name
+    assert build_model(_spec("hf-t5")).facts is None

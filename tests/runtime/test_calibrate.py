@@ -310,7 +310,13 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     assert 1e6 < c.intra_node.bandwidth < 1e12
     assert 1e-9 < c.intra_node.latency < 1.0
     assert 1e8 < c.device.memory_bandwidth < 1e13 and 1e-8 < c.device.kernel_launch < 1e-2
+    ops = c.device.op_costs["fp32"]  # the per-operator table the cost model sums over a traced graph
+    assert {"linear", "gelu", "layer_norm", "add", "view", "scaled_dot_product_attention"} <= set(ops)
+    assert ops["linear"].per == "flop" and ops["gelu"].per == "element"
+    assert all(v >= 0 for c_ in ops.values() for v in (c_.fwd_fixed_s, c_.fwd_per_unit_s, c_.bwd_fixed_s, c_.bwd_per_unit_s))
+    assert 0 < ops["linear"].fwd_fixed_s + ops["linear"].fwd_per_unit_s * 1e6 < 1e-2  # a 1 MFLOP product: under 10 ms
     header = out.read_text()
+    assert "op_costs fp32:" in header
     assert "trainplan's all-reduce algorithms" in header and "ring" in header and "tree" in header
     assert children() <= before
     assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]

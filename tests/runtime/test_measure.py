@@ -146,3 +146,19 @@ def test_pipeline_activations_match_the_estimate_on_every_stage(tmp_path: Path) 
             c = row["components"]["activations"]
             assert abs(c["rel_error"]) <= 0.05, f"{name} rank {row['rank']} (stage {row['stage']}): {c}"
         assert not [w for w in memory["warnings"] if "activations" in w], memory["warnings"]
+
+
+def test_saved_data_slices_count_their_rows_not_the_whole_batch() -> None:
+    """A micro-batch is a view of the replica's batch (held by the trainer): a convolution saving it
+    adds its own rows, and two micro-batches in flight are two slices."""
+    from trainplan.runtime.measure import SavedTensorTracker
+
+    batch = torch.randn(8, 3, 4, 4)
+    weight = torch.nn.Parameter(torch.randn(2, 3, 3, 3))
+    tracker = SavedTensorTracker()
+    with tracker.track():
+        outs = [torch.nn.functional.conv2d(batch[i:i + 2], weight) for i in (0, 2)]
+    rows = 2 * 3 * 4 * 4 * 4  # bytes of one 2-sample slice
+    assert tracker.peak == 2 * rows  # the two slices (conv2d also saves its weight: a parameter, not counted)
+    del outs
+    assert tracker.live == 0

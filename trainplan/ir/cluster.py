@@ -21,6 +21,23 @@ from trainplan.ir.units import Bytes, BytesPerSecond, FlopsPerSecond, Seconds
 Dtype = Literal["fp32", "tf32", "bf16", "fp16"]
 
 
+class OpCost(Strict):
+    """Measured time of one eager operator: ``fixed + per_unit · units``, forward and backward.
+
+    ``units`` are the op's output elements (``per: element``) or its forward FLOPs as
+    ``torch.utils.flop_counter`` counts them (``per: flop``: matrix products, convolutions,
+    attention); the backward's per-unit cost is per *forward* unit. Written by ``trainplan
+    calibrate`` (:mod:`trainplan.runtime.op_bench`); the cost model sums it over a traced graph's
+    nodes (:mod:`trainplan.planner.cost.ops`).
+    """
+
+    per: Literal["element", "flop"] = Field(description="What ``units`` counts: output elements or forward FLOPs.")
+    fwd_fixed_s: Seconds = Field(0.0, description="Forward seconds per call, independent of size.")
+    fwd_per_unit_s: Seconds = Field(0.0, description="Forward seconds per unit.")
+    bwd_fixed_s: Seconds = Field(0.0, description="Backward seconds per call (its autograd node), independent of size.")
+    bwd_per_unit_s: Seconds = Field(0.0, description="Backward seconds per forward unit.")
+
+
 class Device(Strict):
     name: str = Field(description="Device model, e.g. 'A100-SXM4-80GB'.")
     memory: Bytes = Field(description="Memory per device: bytes or a string like '80 GiB'.")
@@ -49,6 +66,13 @@ class Device(Strict):
         0,
         description="Memory the framework and libraries hold before any tensor exists "
         "(CUDA context, NCCL buffers, allocator fragmentation).",
+    )
+    op_costs: dict[Dtype, dict[str, OpCost]] = Field(
+        default_factory=dict,
+        description="Measured per-operator costs by compute dtype, from `trainplan calibrate` (op name as "
+        "the graph front end records it, e.g. 'linear', 'gelu', 'layer_norm'). When present for a plan's "
+        "dtype, a traced model's compute time is the sum of these over its operators instead of FLOPs "
+        "over the peak rate; empty (the presets) keeps the roofline.",
     )
     power_w: float | None = Field(None, ge=0, description="Board power in watts, for energy estimates.")
     price_per_hour: float | None = Field(

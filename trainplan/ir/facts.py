@@ -24,13 +24,13 @@ class TransformerFacts:
     heads: int
     kv_heads: int
     ffn_hidden: int
-    vocab: int
-    seq_len: int
+    vocab: int  # the head's output features: the vocabulary, or a classifier's classes (Hugging Face ViT)
+    seq_len: int  # tokens per sample (ViT: patches + [CLS])
     tied_embeddings: bool
     gated_mlp: bool = False
     learned_positions: bool = True
-    # False when the layers have no Megatron-style sharding the runtime can apply (GPT-2's fused
-    # Conv1D q/k/v projection): the planner then keeps tp = 1.
+    # False when the layers have no Megatron-style sharding the runtime can apply (a model that
+    # declares so): the planner then keeps tp = 1.
     tensor_parallel: bool = True
     # False when the runtime cannot keep the residual stream split along the sequence (Hugging Face
     # layers pass the hidden states to their attention by keyword): the planner never picks it.

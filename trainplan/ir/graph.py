@@ -19,6 +19,7 @@ Conventions (all quantities are per ONE sample: the graph is traced at batch 1):
 
 from __future__ import annotations
 
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -36,7 +37,8 @@ class OpNode:
     (``layers.17/linear_2``); ``inputs`` name producer nodes or graph inputs (``input:0``).
     ``saved`` lists the tensors the op keeps for backward as ``(value, bytes)``; a value saved by
     several nodes (q, k and v projections all save their input) has the same key in each, so a
-    unit's activation memory is the sum over its *distinct* keys (see :func:`unit_activation_bytes`).
+    unit's activation memory is the sum over its *distinct* keys not already saved by an earlier unit
+    (see :func:`unit_activation_bytes`).
     """
 
     name: str
@@ -55,6 +57,7 @@ class OpNode:
     activation_bytes: int  # sum of ``saved`` bytes (not deduplicated across nodes)
     output_bytes: int  # bytes of the output tensors (0 for views of parameters or buffers)
     block: str = ""  # block instance (module path) holding the node, '' outside any block
+    variant: str = ""  # string arguments that pick a different kernel ('approximate=tanh' of a GeLU), '' none
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,7 @@ class Unit:
     shared_param_bytes: int
     flops_fwd: float
     flops_bwd: float
-    activation_bytes: int  # distinct tensors saved for backward by the unit's nodes
+    activation_bytes: int  # distinct tensors saved for backward by the unit's nodes and by no earlier unit
     output_bytes: int
     tied_bytes_after: int = 0
 
@@ -199,10 +202,25 @@ class OpGraph:
         return tuple(groups)
 
 
-def unit_activation_bytes(nodes: tuple[OpNode, ...] | list[OpNode]) -> int:
-    """Bytes of the distinct tensors a run of nodes saves for backward (each key counted once)."""
+def unit_activation_bytes(nodes: tuple[OpNode, ...] | list[OpNode], earlier: Container[str] = ()) -> int:
+    """Bytes of the distinct tensors a run of nodes saves for backward (each key counted once),
+    leaving out the keys in ``earlier`` (saved by an earlier unit, which counts them: one storage,
+    as ``torch.autograd.graph.saved_tensors_hooks`` sees it, see :func:`saved_keys_before`)."""
     seen: dict[str, int] = {}
     for n in nodes:
         for key, size in n.saved:
-            seen.setdefault(key, size)
+            if key not in earlier:
+                seen.setdefault(key, size)
     return sum(seen.values())
+
+
+def saved_keys_before(nodes: Sequence[OpNode], spans: Sequence[tuple[int, int]]) -> list[frozenset[str]]:
+    """Per unit span ``(first, stop)`` of ``nodes``, the keys saved by the nodes of the spans before it.
+
+    A tensor saved by ops of two units (a ReLU's output kept by the ReLU and by the next block's
+    convolution) is one storage in memory; it counts in the first unit that saves it."""
+    out, seen = [], set()
+    for first, stop in spans:
+        out.append(frozenset(seen))
+        seen.update(k for n in nodes[first:stop] for k, _ in n.saved)
+    return out

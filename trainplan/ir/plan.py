@@ -17,7 +17,9 @@ from trainplan.ir.base import Strict
 from trainplan.ir.spec import AllReduce, CommSpec, Compression, Recompute, Schedule, Spec, SyncMode
 
 PLAN_VERSION = 1
-TPStyle = Literal["colwise", "rowwise", "vocab", "replicate"]
+# "qkv": a fused [q | k | v] projection split column-wise so that each rank holds its own heads of
+# each part (runtime.tensor_parallel); the others are Megatron-LM's (Shoeybi et al. 2019, Sec. 3).
+TPStyle = Literal["colwise", "rowwise", "vocab", "replicate", "qkv"]
 
 
 class Mesh(Strict):

@@ -65,13 +65,14 @@ class Arch:
     forward: Forward
     task: Literal["lm", "classification"]
     keys: dict[str, str]  # role (layers, hidden, ...) -> config key
-    # Closed-form transformer facts (TransformerFacts) describe a decoder or encoder stack with a
-    # vocabulary; encoder-decoders and vision models are measured from their graph instead.
+    # Closed-form transformer facts (TransformerFacts) describe a stack of identical layers: a
+    # decoder or encoder with a vocabulary, or ViT's encoder over patch tokens (its head's outputs
+    # are the classes). Encoder-decoders are measured from their graph instead (no facts).
     facts_kind: Literal["decoder", "encoder"] | None = None
     gated_mlp: bool = False
     learned_positions: bool = True
-    # Megatron-style tensor parallelism needs separate q/k/v/out Linear layers; GPT-2's fused
-    # Conv1D c_attn has none (the planner never gives it tp > 1).
+    # Whether the planner's HF_TP_STYLES give this family a Megatron-style split (column-parallel
+    # q/k/v and MLP-up, row-parallel attention output and MLP-down); T5 has none (tp stays 1).
     tensor_parallel: bool = True
     head_dim_key: str | None = None  # a config key that may set head_dim independently
     defaults: dict[str, Any] = field(default_factory=dict)  # sizes the config does not hold
@@ -91,7 +92,7 @@ ARCHS: dict[str, Arch] = {
         "GPT2Config", "GPT2LMHeadModel", "gpt2", "lm",
         {"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "ffn_hidden": "n_inner",
          "vocab": "vocab_size", "seq_len": "n_positions"},
-        facts_kind="decoder", tensor_parallel=False,
+        facts_kind="decoder",
     ),
     "llama": Arch("LlamaConfig", "LlamaForCausalLM", "rotary", "lm", _ROTARY, facts_kind="decoder",
                   gated_mlp=True, learned_positions=False, head_dim_key="head_dim"),
@@ -112,6 +113,7 @@ ARCHS: dict[str, Arch] = {
         {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
          "ffn_hidden": "intermediate_size", "image_size": "image_size", "patch_size": "patch_size",
          "channels": "num_channels", "classes": "num_labels"},
+        facts_kind="encoder",
     ),
 }
 
@@ -229,6 +231,10 @@ def config_facts(arch_name: str, config: Any) -> TransformerFacts | None:
     if arch.facts_kind is None:
         return None
     hidden = _size(config, arch, "hidden")
+    if arch.task == "classification":  # ViT: a [CLS] token and one token per patch; the head's outputs are the classes
+        outputs, tokens = _size(config, arch, "classes"), (config.image_size // config.patch_size) ** 2 + 1
+    else:
+        outputs, tokens = _size(config, arch, "vocab"), max_sequence(arch, config)
     return TransformerFacts(
         kind=arch.facts_kind,
         layers=_size(config, arch, "layers"),
@@ -236,9 +242,9 @@ def config_facts(arch_name: str, config: Any) -> TransformerFacts | None:
         heads=_size(config, arch, "heads"),
         kv_heads=_kv_heads(arch, config),
         ffn_hidden=_size(config, arch, "ffn_hidden") or 4 * hidden,  # GPT-2: n_inner None means 4h
-        vocab=_size(config, arch, "vocab"),
-        seq_len=max_sequence(arch, config),
-        tied_embeddings=bool(config.tie_word_embeddings),
+        vocab=outputs,
+        seq_len=tokens,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),  # ViT has no token embedding
         gated_mlp=arch.gated_mlp,
         learned_positions=arch.learned_positions,
         tensor_parallel=arch.tensor_parallel,

@@ -117,6 +117,7 @@ class _Stitch:
             activation_bytes=sum(b for _, b in saved),
             output_bytes=n.output_bytes,
             block=path or self.block_of(module_path),
+            variant=n.variant,
         ))
 
 

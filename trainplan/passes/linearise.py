@@ -14,6 +14,19 @@ the residual stream, skip connections to later units, masks and rotary tables ev
 a node with several outputs counts all of them. Parameters read on both sides of the cut (tied
 weights) are reported apart (``tied_bytes_after``): they are synchronised per step, not sent per
 sample.
+
+A unit's activation bytes are the distinct tensors its ops save for backward that no earlier unit
+saved: a tensor saved on both sides of a unit boundary — a ResNet block's ReLU output, kept by
+the ReLU for its backward and by the next block's convolutions as their input — is one storage
+(``torch.autograd.graph.saved_tensors_hooks`` counts it once), so the unit totals add up to the
+model's. It counts where it is first *saved*, not where it is produced: a transformer layer's
+residual output is produced by the add of layer ``i`` (which saves nothing) and first saved by the
+norm of layer ``i + 1``, and a pipeline stage starting at ``i + 1`` holds it (its received copy)
+while the stage ending at ``i`` does not. What the rule misses: a pipeline stage holds its own
+received copy of every tensor from before its first unit that its units save, which is counted
+in an earlier stage when an earlier unit saved it too — the input of a block after a cut that the
+ReLU before the cut saved, or rotary tables the model computes once and every layer saves. The
+first stage has no such tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trainplan.ir.graph import OpGraph, OpNode, Unit, UnitKind, unit_activation_bytes
+from trainplan.ir.graph import OpGraph, OpNode, Unit, UnitKind, saved_keys_before, unit_activation_bytes
 
 
 def linearise(graph: OpGraph) -> OpGraph:
@@ -32,7 +45,9 @@ def linearise(graph: OpGraph) -> OpGraph:
     readers = _readers(graph.nodes, spans)
     sizes = {p.name: p.bytes for p in graph.parameters}
     spanning = _spanning_param_bytes(readers, sizes, len(spans))
-    units = tuple(_unit(graph, span, i, bytes_after[i], readers, sizes, spanning[i]) for i, span in enumerate(spans))
+    earlier = saved_keys_before(graph.nodes, [(s.first, s.stop) for s in spans])
+    units = tuple(_unit(graph, span, i, bytes_after[i], readers, sizes, spanning[i], earlier[i])
+                  for i, span in enumerate(spans))
     tied, tied_units = _tied(graph, units, readers)
     return graph.replace(units=units, tied=tied, tied_units=tied_units)
 
@@ -180,7 +195,7 @@ def _prefix_sums(diff: list[int]) -> list[int]:
 
 
 def _unit(graph: OpGraph, span: _Span, index: int, output_bytes: int, readers: dict[str, list[int]],
-          sizes: dict[str, int], tied_bytes_after: int) -> Unit:
+          sizes: dict[str, int], tied_bytes_after: int, saved_earlier: frozenset[str]) -> Unit:
     mine = graph.nodes[span.first : span.stop]
     read = list(dict.fromkeys(p for n in mine for p in n.param_names))
     shared = tuple(p for p in read if readers[p][0] != index)
@@ -198,7 +213,7 @@ def _unit(graph: OpGraph, span: _Span, index: int, output_bytes: int, readers: d
         shared_param_bytes=sum(sizes[p] for p in shared),
         flops_fwd=sum(n.flops_fwd for n in mine),
         flops_bwd=sum(n.flops_bwd for n in mine),
-        activation_bytes=unit_activation_bytes(mine),
+        activation_bytes=unit_activation_bytes(mine, saved_earlier),
         output_bytes=output_bytes,
         tied_bytes_after=tied_bytes_after,
     )

@@ -44,7 +44,7 @@ def plan_from_graph(
 
     start = time.perf_counter()
     check_dedicated_servers(spec)
-    model = model_costs_from_graph(graph)
+    model = model_costs_from_graph(graph, spec.model.hf.arch if spec.model.hf is not None else None)
     ctx = context_for(spec)
     result = search(model, spec.parallel, ctx, keep, progress=progress)
     if not result.ranked:

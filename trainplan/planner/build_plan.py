@@ -38,7 +38,11 @@ CATALOGUE_TP_STYLES = {
 
 
 # The same styles for the Hugging Face families, by module path inside trainplan's wrapper
-# (trainplan.models.hf). GPT-2 (fused Conv1D q/k/v) and T5 have none: their facts keep tp = 1.
+# (trainplan.models.hf). T5 has none: its facts are absent, so tp stays 1. ViT's patch embedding
+# (a Conv2d), position embeddings and classifier stay replicated. GPT-2's layers are transformers'
+# Conv1D (weight (in, out), the transpose of a Linear's), which the runtime's styles shard on the
+# matching dimensions; its c_attn fuses q, k and v into one (h, 3h) projection, so it is "qkv":
+# column-parallel with each rank taking its own heads' columns of each of q, k and v.
 _HF_ROTARY_TP_STYLES = {
     "hf.model.embed_tokens": "vocab",
     "hf.model.layers.*.self_attn.q_proj": "colwise",
@@ -51,6 +55,14 @@ _HF_ROTARY_TP_STYLES = {
     "hf.lm_head": "colwise",
 }
 HF_TP_STYLES = {
+    "gpt2": {
+        "hf.transformer.wte": "vocab",
+        "hf.transformer.h.*.attn.c_attn": "qkv",
+        "hf.transformer.h.*.attn.c_proj": "rowwise",
+        "hf.transformer.h.*.mlp.c_fc": "colwise",
+        "hf.transformer.h.*.mlp.c_proj": "rowwise",
+        "hf.lm_head": "colwise",
+    },
     "llama": _HF_ROTARY_TP_STYLES,
     "mistral": _HF_ROTARY_TP_STYLES,
     "qwen2": _HF_ROTARY_TP_STYLES,
@@ -75,18 +87,29 @@ HF_TP_STYLES = {
 }
 
 
+def model_tp_styles(hf_arch: str | None, modules: set[str], gated_mlp: bool) -> dict[str, str]:
+    """The styles tensor parallelism applies to a model: its Hugging Face family's, or the catalogue's.
+
+    ``modules``: the module paths of the model's units (bert's MLM head is unit ``head``, its output
+    layer ``head.lm_head``); ``gated_mlp``: whether the MLP has a gate projection. The memory model
+    (:func:`trainplan.planner.model_costs.tp_replicated_params`) counts what these styles shard.
+    """
+    if hf_arch is not None:
+        return dict(HF_TP_STYLES.get(hf_arch, {}))
+    styles = dict(CATALOGUE_TP_STYLES)
+    if not gated_mlp:
+        styles.pop("layers.*.mlp.gate")
+    if "lm_head" not in modules and ("head.lm_head" in modules or "head" in modules):  # bert's MLM head (unit "head")
+        styles["head.lm_head"] = styles.pop("lm_head")
+    return styles
+
+
 def tp_styles(spec: Spec, model: ModelCosts, tp: int) -> dict[str, str]:
     if tp == 1:
         return {}
-    if spec.model.hf is not None:
-        return dict(HF_TP_STYLES.get(spec.model.hf.arch, {}))
-    names = {m for u in model.units for m in u.modules}
-    styles = dict(CATALOGUE_TP_STYLES)
-    if model.facts is not None and not model.facts.gated_mlp:
-        styles.pop("layers.*.mlp.gate")
-    if "lm_head" not in names and ("head.lm_head" in names or "head" in names):  # bert's MLM head (unit "head")
-        styles["head.lm_head"] = styles.pop("lm_head")
-    return styles
+    hf_arch = spec.model.hf.arch if spec.model.hf is not None else None
+    gated = model.facts is None or model.facts.gated_mlp
+    return model_tp_styles(hf_arch, {m for u in model.units for m in u.modules}, gated)
 
 
 def _breakdown(stage: StageCost) -> MemoryBreakdown:

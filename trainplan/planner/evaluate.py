@@ -100,6 +100,39 @@ class Evaluation:
 # --------------------------------------------------------------------------------- per unit
 
 
+def measured_compute(ctx: Context, u: UnitCost, lay: Layout, loss_bytes: float = 0.0) -> tuple[float, float] | None:
+    """(forward, backward) compute seconds of ``u`` per micro-batch from the cluster's measured
+    operator costs (:mod:`cost.ops`), or ``None`` when the device has none for the plan's dtype or
+    the unit was not traced (then the roofline and kernel counts apply).
+
+    Recomputation adds, to the backward, the forward of what the policy recomputes: every operator
+    under ``full``; under ``selective`` those whose outputs the runtime's policy does not keep
+    (:data:`model_costs.SELECTIVE_SAVED_OPS`). The last unit also runs the loss
+    (:func:`cost.ops.loss_time_s`, ``loss_bytes / 4`` logits per sample, see
+    :func:`model_costs.loss_saved_bytes`).
+    """
+    table = ctx.cluster.device.op_costs.get(ctx.dtype)  # type: ignore[call-overload]
+    if not table or not u.ops:
+        return None
+    from trainplan.planner.cost.ops import base_name, loss_time_s, ops_time_s
+    from trainplan.planner.model_costs import SELECTIVE_SAVED_OPS
+
+    tp = lay.tp if _tp_divides(u) else 1
+    fwd, bwd = ops_time_s(u.ops, table, lay.micro_batch, tp)
+    if u.kind == "block" and lay.recompute == "full":
+        bwd += fwd
+    elif u.kind == "block" and lay.recompute == "selective":
+        redo = frozenset(base_name(use.op) for use in u.ops) - SELECTIVE_SAVED_OPS
+        bwd += ops_time_s(u.ops, table, lay.micro_batch, tp, only=redo)[0]
+    lf, lb = loss_time_s(table, loss_bytes / 4, lay.micro_batch, tp)
+    return fwd + lf, bwd + lb
+
+
+def _tp_divides(u: UnitCost) -> bool:
+    """Whether tensor parallelism divides any of ``u``'s operator work (some op has sharded units)."""
+    return any(use.units_sharded for use in u.ops)
+
+
 def _block(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float, float, float, float, float]:
     dev, dt, eb = ctx.cluster.device, ctx.dtype, ctx.element_bytes
     f = cost.transformer_layer_flops(facts, lay.micro_batch, lay.tp)
@@ -124,6 +157,9 @@ def _block(ctx: Context, u: UnitCost, lay: Layout, facts) -> tuple[float, float,
         + cost.kernel_overhead_s(2 * kernels + redo_kernels, dev)
         + tp_b
     )
+    measured = measured_compute(ctx, u, lay)
+    if measured is not None:
+        fwd, bwd = measured[0] + tp_f, measured[1] + tp_b
     tp_total = tp_f + tp_b
     if lay.recompute == "full":  # the recomputed forward repeats its all-reduces (Megatron-LM)
         bwd += tp_f
@@ -161,7 +197,8 @@ def _edge(ctx: Context, u: UnitCost, lay: Layout, facts, loss_bytes: float = 0.0
     traced = u.activation_bytes > 0 or loss_bytes > 0  # else closed form (Korthikanti et al. 2022, Sec. 4.3)
     if u.kind == "embedding":
         acts = _traced_acts(u, lay, "none")[0] if traced else cost.embedding_activation_bytes(facts, mb, lay.tp, lay.sequence_parallel)
-        return tp_f, tp_b, tp_f + tp_b, acts, 0.0, tp_local_params(u, lay.tp)
+        lookup_f, lookup_b = measured_compute(ctx, u, lay) or (0.0, 0.0)  # the lookup itself: free in the closed form
+        return lookup_f + tp_f, lookup_b + tp_b, tp_f + tp_b, acts, 0.0, tp_local_params(u, lay.tp)
     f = cost.lm_head_flops(facts, mb, lay.tp)
     eff = cost.gemm_efficiency(dev, dt, mb * facts.seq_len, facts.vocab // lay.tp, facts.hidden, dev.memory_bandwidth)
     if traced:  # the head's saved tensors plus the vocabulary-parallel loss's fp32 log-softmax (divided by t)
@@ -171,6 +208,9 @@ def _edge(ctx: Context, u: UnitCost, lay: Layout, facts, loss_bytes: float = 0.0
     # The final norm, the fp32 softmax and the cross-entropy stream these bytes: once forward, twice backward.
     elem = cost.memory_bound_time_s(acts, dev)
     fwd = cost.compute_time_s(f, dev, dt, eff)
+    measured = measured_compute(ctx, u, lay, loss_bytes)
+    if measured is not None:
+        return measured[0] + tp_f, measured[1] + tp_b, tp_f + tp_b, acts, 0.0, tp_local_params(u, lay.tp)
     return fwd + elem + tp_f, 2 * (fwd + elem) + tp_b, tp_f + tp_b, acts, 0.0, tp_local_params(u, lay.tp)
 
 
@@ -185,6 +225,9 @@ def _other(ctx: Context, u: UnitCost, lay: Layout, loss_bytes: float = 0.0) -> t
     dev, dt, mb = ctx.cluster.device, ctx.dtype, lay.micro_batch
     fwd = cost.compute_time_s(u.flops_fwd * mb, dev, dt, dev.efficiency) + cost.kernel_overhead_s(u.kernels, dev)
     bwd = cost.compute_time_s(u.flops_bwd * mb, dev, dt, dev.efficiency) + cost.kernel_overhead_s(2 * u.kernels, dev)
+    measured = measured_compute(ctx, u, lay, loss_bytes)
+    if measured is not None:
+        fwd, bwd = measured
     acts, transient = _traced_acts(u, lay, lay.recompute if u.kind == "block" else "none")
     return fwd, bwd, 0.0, acts + loss_bytes * mb, transient, u.params
 
@@ -193,10 +236,12 @@ def unit_times(model: ModelCosts, lay: Layout, ctx: Context) -> UnitTimes:
     """Per-unit costs of one layout; identical units (repeated blocks) are costed once."""
     rows, seen = [], {}
     last = len(model.units) - 1
+    measured_ops = bool(ctx.cluster.device.op_costs.get(ctx.dtype))  # type: ignore[call-overload]
     for i, u in enumerate(model.units):
         loss = model.loss_bytes if i == last else 0.0  # the loss runs after the last unit
         key = (u.kind, u.params, u.tp_replicated, u.flops_fwd, u.flops_bwd, u.activation_bytes, u.kernels,
-               u.act_tp_sharded, u.act_selective, u.act_selective_tp_sharded, u.act_full, loss)
+               u.act_tp_sharded, u.act_selective, u.act_selective_tp_sharded, u.act_full, loss,
+               u.ops if measured_ops else ())
         if key not in seen:
             if model.facts is not None and u.kind == "block":
                 seen[key] = _block(ctx, u, lay, model.facts)
@@ -474,6 +519,24 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
     return worst, algo, crosses
 
 
+def optimizer_time(ctx: Context, model: ModelCosts, lay: Layout, stage: StageCost, shard: int) -> float:
+    """Seconds of one optimizer update on a rank of ``stage``.
+
+    With a measured ``optimizer:NAME`` entry (``trainplan calibrate``, per parameter tensor and
+    element): tensors × fixed + elements × per element, the elements divided by the ZeRO shard;
+    ZeRO-1 gives each rank whole tensors (``ZeroRedundancyOptimizer``), so it also divides the
+    tensors, FSDP2 (ZeRO-2/3) shards every tensor, so each rank still updates all of them. Without
+    it, a memory-bound pass (:func:`cost.optimizer_step_time_s`).
+    """
+    table = ctx.cluster.device.op_costs.get(ctx.dtype, {})  # type: ignore[call-overload]
+    measured = table.get(f"optimizer:{ctx.optimizer}")
+    tensors = sum(model.units[i].param_tensors for a, b in stage.ranges for i in range(a, b + 1))
+    if measured is None or not tensors:
+        return cost.optimizer_step_time_s(stage.params / shard, ctx.precision, ctx.optimizer, ctx.cluster.device)
+    per_rank = tensors / shard if lay.zero == 1 else tensors
+    return per_rank * measured.fwd_fixed_s + stage.params / shard * measured.fwd_per_unit_s
+
+
 def fsdp_units(model: ModelCosts, stage: StageCost) -> int:
     """FSDP2 units of a stage as the runtime shards it: every block (ModuleList element) and the root."""
     blocks = sum(1 for first, last in stage.ranges for i in range(first, last + 1) if model.units[i].kind == "block")
@@ -496,7 +559,7 @@ def evaluate(
     dp_s, algo, crosses = dp_exposed(ctx, lay, stages, model)
     # The update runs after the gradients are in; ZeRO-1+ updates a 1/dp shard on each rank.
     shard = lay.dp if lay.zero >= 1 else 1
-    opt_s = max(cost.optimizer_step_time_s(s.params / shard, ctx.precision, ctx.optimizer, ctx.cluster.device) for s in stages)
+    opt_s = max(optimizer_time(ctx, model, lay, s, shard) for s in stages)
     return _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, model, ctx)
 
 

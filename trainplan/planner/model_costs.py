@@ -38,6 +38,8 @@ class UnitCost:
     act_selective: float = 0.0  # kept under ``recompute: selective`` (the runtime's policy)
     act_selective_tp_sharded: float = 0.0  # of ``act_selective``, those divided by ``t``
     act_full: float = 0.0  # kept under ``recompute: full``: the unit's inputs
+    ops: tuple = ()  # the unit's operators (trainplan.planner.cost.ops.OpUse), for measured op costs; () untraced
+    param_tensors: float = 0.0  # parameter tensors the unit owns (an optimizer's fixed cost is per tensor); 0 untraced
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +95,23 @@ def model_costs_from_facts(facts: TransformerFacts, element_bytes: int = 2) -> M
     return ModelCosts(tuple(units), facts, total, shared)
 
 
-def model_costs_from_graph(graph: OpGraph) -> ModelCosts:
-    """The unit chain of a traced graph (per-sample costs as measured by the front end)."""
+def model_costs_from_graph(graph: OpGraph, hf_arch: str | None = None) -> ModelCosts:
+    """The unit chain of a traced graph (per-sample costs as measured by the front end).
+
+    ``hf_arch``: the Hugging Face family of the model (``spec.model.hf.arch``), whose
+    tensor-parallel styles the plan will carry; None for the catalogue's (:func:`planned_tp_styles`).
+    """
     index = {u.name: i for i, u in enumerate(graph.units)}
-    replicated = tp_replicated_params(graph) if graph.facts is not None else [0] * len(graph.units)
-    acts = traced_activations(graph)
+    styles = planned_tp_styles(graph, hf_arch)
+    replicated = tp_replicated_params(graph, styles) if graph.facts is not None else [0] * len(graph.units)
+    acts = traced_activations(graph, styles)
+    ops = graph_op_uses(graph, styles)
+    tensors = owned_param_tensors(graph)
     units = tuple(
         UnitCost(u.name, u.kind, u.modules, float(u.params), u.flops_fwd, u.flops_bwd, a.none,
                  float(u.output_bytes), float(r), float(unit_kernels(graph.unit_nodes(u))), a.none_sharded,
-                 a.selective, a.selective_sharded, a.full)
-        for u, r, a in zip(graph.units, replicated, acts)
+                 a.selective, a.selective_sharded, a.full, o, float(t))
+        for u, r, a, o, t in zip(graph.units, replicated, acts, ops, tensors)
     )
     shared = []
     for names, holders in zip(graph.tied, graph.tied_units):
@@ -124,6 +133,25 @@ NO_KERNEL_OPS = frozenset({
     "chunk", "unbind", "as_strided", "alias", "detach", "getitem", "getattr", "size", "sym_size", "dim", "numel",
     "Flatten", "Unflatten", "Identity",
 })
+
+
+def owned_param_tensors(graph: OpGraph) -> list[int]:
+    """Per unit, the parameter tensors it reads first (tied ones once, in their first unit)."""
+    seen: set[str] = set()
+    out = []
+    for u in graph.units:
+        names = {p for n in graph.unit_nodes(u) for p in n.param_names} - seen
+        seen |= names
+        out.append(len(names))
+    return out
+
+
+def graph_op_uses(graph: OpGraph, styles: dict[str, str] | None = None) -> list[tuple]:
+    """Per unit, its operators for the measured-op cost model (:func:`trainplan.planner.op_uses.unit_op_uses`),
+    with the work tensor parallelism divides taken from the plan's ``styles`` (:func:`_tp_sharded_values`)."""
+    from trainplan.planner.op_uses import unit_op_uses
+
+    return unit_op_uses(graph, _tp_sharded_values(graph, styles))
 
 
 def _op_name(node: OpNode) -> str:
@@ -170,7 +198,8 @@ def tp_sharded(name: str, styles: dict[str, str]) -> bool:
     """Whether tensor parallelism shards parameter ``name`` under ``styles`` (module patterns, one glob per
     dotted atom, as ``parallelize_module`` matches them): column-parallel weights and biases, row-parallel
     and vocabulary-parallel weights; a row-parallel layer's bias is added after the reduction, so it
-    is replicated, as is every parameter of an unlisted module (Shoeybi et al. 2019, Sec. 3)."""
+    is replicated, as is every parameter of an unlisted module (Shoeybi et al. 2019, Sec. 3). A fused
+    ``qkv`` projection's bias stays whole too (``runtime.tensor_parallel.Conv1DColwise``)."""
     from fnmatch import fnmatch
 
     module, _, leaf = name.rpartition(".")
@@ -178,19 +207,23 @@ def tp_sharded(name: str, styles: dict[str, str]) -> bool:
     for pattern, style in styles.items():
         parts = pattern.split(".")
         if len(parts) == len(atoms) and all(fnmatch(a, p) for a, p in zip(atoms, parts)):
-            return style in ("colwise", "vocab") or (style == "rowwise" and leaf != "bias")
+            return style in ("colwise", "vocab") or (style in ("rowwise", "qkv") and leaf != "bias")
     return False
 
 
-def tp_replicated_params(graph: OpGraph) -> list[int]:
-    """Per unit, the elements of the parameters it owns (first reads) that the catalogue's
-    tensor-parallel styles leave whole on every rank."""
-    from trainplan.planner.build_plan import CATALOGUE_TP_STYLES  # the styles the plan will carry
+def planned_tp_styles(graph: OpGraph, hf_arch: str | None = None) -> dict[str, str]:
+    """The tensor-parallel styles a plan of this model carries (``build_plan.tp_styles`` at tp > 1):
+    the Hugging Face family's, or the catalogue's adjusted to the graph's module names."""
+    from trainplan.planner.build_plan import model_tp_styles
 
-    styles = dict(CATALOGUE_TP_STYLES)
-    names = {m for u in graph.units for m in u.modules}
-    if "lm_head" not in names and ("head.lm_head" in names or "head" in names):  # bert's MLM head: the
-        styles["head.lm_head"] = styles.pop("lm_head")  # same condition as build_plan.tp_styles (unit "head")
+    gated = graph.facts is None or graph.facts.gated_mlp
+    return model_tp_styles(hf_arch, {m for u in graph.units for m in u.modules}, gated)
+
+
+def tp_replicated_params(graph: OpGraph, styles: dict[str, str] | None = None) -> list[int]:
+    """Per unit, the elements of the parameters it owns (first reads) that the plan's tensor-parallel
+    ``styles`` (default: :func:`planned_tp_styles` of a catalogue model) leave whole on every rank."""
+    styles = planned_tp_styles(graph) if styles is None else styles
     numel = {p.name: p.numel for p in graph.parameters}
     seen: set[str] = set()
     out = []
@@ -231,7 +264,7 @@ class UnitActivations:
     full: float
 
 
-def _tp_sharded_values(graph: OpGraph) -> set[str]:
+def _tp_sharded_values(graph: OpGraph, styles: dict[str, str] | None = None) -> set[str]:
     """Names of the node outputs (and ``node#i`` tensors saved inside nodes) that Megatron-style
     tensor parallelism splits across ranks: outputs of column-parallel layers and everything computed
     from them until a row-parallel (or vocabulary-parallel) layer reduces them again (Shoeybi et al.
@@ -240,14 +273,7 @@ def _tp_sharded_values(graph: OpGraph) -> set[str]:
         return set()
     from fnmatch import fnmatch
 
-    from trainplan.planner.build_plan import CATALOGUE_TP_STYLES
-
-    styles = dict(CATALOGUE_TP_STYLES)
-    if not graph.facts.gated_mlp:
-        styles.pop("layers.*.mlp.gate")
-    names = {m for u in graph.units for m in u.modules}
-    if "lm_head" not in names and ("head.lm_head" in names or "head" in names):
-        styles["head.lm_head"] = styles.pop("lm_head")  # as tp_replicated_params / build_plan.tp_styles
+    styles = planned_tp_styles(graph) if styles is None else styles
 
     def style(path: str) -> str:
         atoms = path.split(".")
@@ -260,15 +286,16 @@ def _tp_sharded_values(graph: OpGraph) -> set[str]:
     sharded: set[str] = set()
     for n in graph.nodes:
         kind = style(n.module_path)
-        inner = kind == "colwise" or (kind == "" and any(i in sharded for i in n.inputs))
+        column = kind in ("colwise", "qkv")
+        inner = column or (kind == "" and any(i in sharded for i in n.inputs))
         if inner:
             sharded.update(f"{n.name}#{i}" for i in range(len(n.saved) + 8))  # its own saved intermediates
-        if kind == "colwise" or (kind not in ("rowwise", "vocab") and inner):
+        if column or (kind not in ("rowwise", "vocab") and inner):
             sharded.add(n.name)
     return sharded
 
 
-def traced_activations(graph: OpGraph) -> list[UnitActivations]:
+def traced_activations(graph: OpGraph, styles: dict[str, str] | None = None) -> list[UnitActivations]:
     """Per unit, what the traced model saves for backward (per sample), by recompute policy.
 
     * ``none``: the distinct tensors the unit's ops save (``Unit.activation_bytes``: what the real
@@ -279,35 +306,75 @@ def traced_activations(graph: OpGraph) -> list[UnitActivations]:
     * ``selective`` (blocks): the inputs plus the outputs the runtime's policy caches
       (:data:`SELECTIVE_SAVED_OPS`, with the statistics a norm kernel saves).
 
-    Units that are not blocks are not checkpointed: all three are ``none``. Bytes are the front
-    end's, at the compute dtype (``graph.dtype``).
+    Units that are not blocks are not checkpointed: all three are their ``none``. A tensor several
+    units hold is one storage (a ReLU output saved by one block and read, saved or checkpointed,
+    by the next), so it counts once, in the first unit holding it under the policy, as
+    ``Unit.activation_bytes`` does for ``none`` (:mod:`trainplan.passes.linearise`): the units then
+    add up to the model's distinct saved storages, what ``torch.autograd.graph.saved_tensors_hooks``
+    sees (``SavedTensorTracker``, :mod:`trainplan.runtime.measure`). One exception keeps the
+    non-blocks' single value right under every policy: a tensor a block saves and a later non-block
+    saves too (an MLP's last ReLU output, saved again by the classifier) counts in the block's
+    ``selective`` / ``full`` even where the block does not keep it, since the non-block leaves it
+    out. Bytes are the front end's, at the compute dtype (``graph.dtype``).
     """
-    sharded = _tp_sharded_values(graph)
+    sharded = _tp_sharded_values(graph, styles)
     size = {v.name: float(v.bytes) for v in graph.inputs} | {n.name: float(n.output_bytes) for n in graph.nodes}
-    out = []
+    saved: list[dict[str, float]] = []  # per unit, the tensors its ops save (policy none)
+    held: dict[str, list[dict[str, float]]] = {"selective": [], "full": []}  # per policy, what each unit keeps
     for u in graph.units:
         nodes = graph.unit_nodes(u)
-        saved: dict[str, float] = {}
+        mine: dict[str, float] = {}
         for n in nodes:
             for key, nbytes in n.saved:
-                saved.setdefault(key, float(nbytes))
-        none = float(u.activation_bytes)
-        none_sh = sum(b for k, b in saved.items() if k in sharded)
+                mine.setdefault(key, float(nbytes))
+        saved.append(mine)
         if u.kind != "block":
-            out.append(UnitActivations(none, none_sh, none, none_sh, none))
+            held["selective"].append(mine)
+            held["full"].append(mine)
             continue
-        mine = {n.name for n in nodes}
-        inputs = dict.fromkeys(i for n in nodes for i in n.inputs if i not in mine and i in size)
-        full = sum(size[i] for i in inputs)
+        own = {n.name for n in nodes}
+        inputs = {i: size[i] for n in nodes for i in n.inputs if i not in own and i in size}
         cached: dict[str, float] = {}
         for n in nodes:
             if _op_name(n) in SELECTIVE_SAVED_OPS:
                 cached[n.name] = float(n.output_bytes)
                 cached.update((k, float(b)) for k, b in n.saved if k.startswith(f"{n.name}#"))
-        selective = full + sum(cached.values())
-        selective_sh = sum(size[i] for i in inputs if i in sharded) + sum(b for k, b in cached.items() if k in sharded)
-        out.append(UnitActivations(none, none_sh, selective, selective_sh, full))
+        held["full"].append(inputs)
+        held["selective"].append(inputs | cached)
+    blocks = [u.kind == "block" for u in graph.units]
+    none = _counted_once(saved, saved, blocks, sharded)
+    sel = _counted_once(held["selective"], saved, blocks, sharded)
+    full = _counted_once(held["full"], saved, blocks, sharded)
+    out = []
+    for i, u in enumerate(graph.units):
+        if blocks[i]:
+            out.append(UnitActivations(float(u.activation_bytes), none[i][1], sel[i][0], sel[i][1], full[i][0]))
+        else:
+            out.append(UnitActivations(float(u.activation_bytes), none[i][1], float(u.activation_bytes), none[i][1],
+                                       float(u.activation_bytes)))
     return out
+
+
+def _counted_once(held: list[dict[str, float]], saved: list[dict[str, float]], blocks: list[bool],
+                  sharded: set[str]) -> list[tuple[float, float]]:
+    """Per unit, (bytes, of them tensor-parallel sharded) of the tensors counted there: each held
+    tensor once, in the first unit holding it, or, when that unit is not a block, in the first unit
+    saving it (see :func:`traced_activations`)."""
+    first_saver: dict[str, int] = {}
+    for i, keys in enumerate(saved):
+        for k in keys:
+            first_saver.setdefault(k, i)
+    out = [[0.0, 0.0] for _ in held]
+    seen: set[str] = set()
+    for i, keys in enumerate(held):
+        for k, b in keys.items():
+            if k in seen:
+                continue
+            seen.add(k)
+            j = i if blocks[i] else first_saver.get(k, i)
+            out[j][0] += b
+            out[j][1] += b if k in sharded else 0.0
+    return [(b, sh) for b, sh in out]
 
 
 def loss_saved_bytes(graph: OpGraph) -> float:

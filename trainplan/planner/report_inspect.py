@@ -43,8 +43,12 @@ def rows(graph: OpGraph) -> list[list[str]]:
     return out
 
 
-def checks(graph: OpGraph, tokens: int) -> list[dict[str, Any]]:
-    """Totals against closed forms, where the model's architecture makes them apply."""
+def checks(graph: OpGraph, tokens: int, lm: bool = True) -> list[dict[str, Any]]:
+    """Totals against closed forms, where the model's architecture makes them apply.
+
+    PaLM's FLOPs per token (Chowdhery et al. 2022, App. B) is a language model's: every parameter,
+    the output layer included, is used once per token; a classifier (ViT) has none per token.
+    """
     f = graph.facts
     if f is None:
         return []
@@ -53,6 +57,8 @@ def checks(graph: OpGraph, tokens: int) -> list[dict[str, Any]]:
         expected = megatron_eq2_params(f)
         out.append({"check": "parameters = Megatron-LM Eq. 2 + final LayerNorm", "measured": graph.params,
                     "closed_form": expected, "relative_error": graph.params / expected - 1})
+    if not lm:
+        return out
     per_token = graph.flops / tokens
     expected = palm_flops_per_token(graph.params, f)
     out.append({"check": "training FLOPs per token = PaLM 6N + 12·L·h·s", "measured": per_token,
@@ -75,7 +81,7 @@ def inspect_text(spec: Spec, graph: OpGraph) -> str:
         f"{format_count(graph.flops_fwd)} forward + {format_count(graph.flops_bwd)} backward FLOPs per sample, "
         f"{format_bytes(graph.activation_bytes)} saved for backward per sample",
     ]
-    for c in checks(graph, _tokens(spec)):
+    for c in checks(graph, _tokens(spec), spec.task.kind == "lm"):
         lines.append(f"check: {c['check']}: {format_count(c['measured'])} vs {format_count(c['closed_form'])} "
                      f"({c['relative_error'] * 100:+.3f}%)")
     return "\n".join(lines)
@@ -93,6 +99,6 @@ def inspect_json(spec: Spec, graph: OpGraph) -> str:
         "name": spec.name, "frontend": graph.frontend, "dtype": graph.dtype, "per_sample_tokens": _tokens(spec),
         "totals": {"params": graph.params, "param_bytes": graph.param_bytes, "flops_fwd": graph.flops_fwd,
                    "flops_bwd": graph.flops_bwd, "activation_bytes": graph.activation_bytes},
-        "groups": groups, "units": units, "checks": checks(graph, _tokens(spec)),
+        "groups": groups, "units": units, "checks": checks(graph, _tokens(spec), spec.task.kind == "lm"),
     }
     return json.dumps(body, indent=2)

@@ -29,7 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from trainplan.ir.cluster import Cluster, deep_merge, preset_dict, preset_names
 from trainplan.ir.units import format_bytes
 from trainplan.runtime import local_workers
 from trainplan.runtime.local_workers import WorkerContext, WorkerError  # noqa: F401 - WorkerContext re-exported
+from trainplan.runtime.op_bench import OpTiming, fit_op_costs
 
 KiB, MiB = 2**10, 2**20
 WORKER_TARGET = "trainplan.runtime.calibrate_bench:calibration_worker"
@@ -115,6 +116,8 @@ class BenchPlan:
     comm_sizes: tuple[int, ...]
     copy_bytes: int = 64 * MiB  # the memory-bandwidth copy (source and destination each)
     kernel_chain: int = 64  # tiny linear layers timed forward + backward for the per-kernel cost
+    op_dtypes: tuple[str, ...] = ("fp32",)  # dtypes of the per-operator table (trainplan.runtime.op_bench)
+    quick: bool = False  # fewer sizes in the per-operator table
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,11 +140,11 @@ def bench_plan(quick: bool, cuda: bool) -> BenchPlan:
             gemms = (squares(1024, 2048, 4096, 8192) + transformer_gemms(8192, 4096, backward=True)
                      + transformer_gemms(8192, 8192, backward=True))
         return BenchPlan(tuple(gemms), CUDA_DTYPES, 3 if quick else 5, 5 if quick else 10, 1.0, 2e-3,
-                         sizes[::2] if quick else sizes, copy_bytes=1024 * MiB)
+                         sizes[::2] if quick else sizes, copy_bytes=1024 * MiB, op_dtypes=("fp32", "bf16"), quick=quick)
     # CPU runs train small models: micro-batches of a few hundred tokens at widths of 128-1024.
     if quick:
         gemms = squares(256, 512, 1024) + transformer_gemms(256, 256, backward=True) + transformer_gemms(1024, 512)
-        return BenchPlan(tuple(gemms), CPU_DTYPES, 1, 3, 0.25, 2e-3, sizes[::2], copy_bytes=16 * MiB)
+        return BenchPlan(tuple(gemms), CPU_DTYPES, 1, 3, 0.25, 2e-3, sizes[::2], copy_bytes=16 * MiB, quick=True)
     gemms = (squares(256, 512, 1024, 2048) + transformer_gemms(128, 256, backward=True)
              + transformer_gemms(512, 512, backward=True) + transformer_gemms(2048, 768, backward=True)
              + transformer_gemms(2048, 1024, backward=True))
@@ -304,6 +307,7 @@ class Measurement:
     memory_bandwidth: float | None = None  # bytes/s of a copy, slowest rank (None: not measured)
     kernel_launch: float | None = None  # seconds of fixed cost per kernel, slowest rank
     algorithms: tuple[tuple[str, int, float], ...] = ()  # (our all-reduce algorithm, bytes, seconds)
+    ops: dict[str, tuple[OpTiming, ...]] = field(default_factory=dict)  # per dtype, slowest rank per probe
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -357,7 +361,19 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         started_utc=started, wall_s=time.monotonic() - t0,
         memory_bandwidth=min(copy_bandwidth(*r["copy"]) for r in results) if "copy" in results[0] else None,
         kernel_launch=max(r["kernel"] for r in results) if "kernel" in results[0] else None,
-        algorithms=tuple((str(a), int(n), float(t)) for a, n, t in results[0].get("algorithms", [])))
+        algorithms=tuple((str(a), int(n), float(t)) for a, n, t in results[0].get("algorithms", [])),
+        ops=slowest_op_timings([r.get("ops", {}) for r in results]))
+
+
+def slowest_op_timings(per_rank: Sequence[dict[str, list[list[Any]]]]) -> dict[str, tuple[OpTiming, ...]]:
+    """Per dtype, each probe's forward and backward at the slowest rank (ranks run the same probes in
+    the same order, as with the matrix products: the pace of a synchronous step is its slowest rank)."""
+    out = {}
+    for dtype in per_rank[0] if per_rank else {}:
+        rows = zip(*(r[dtype] for r in per_rank))
+        out[dtype] = tuple(OpTiming(str(same[0][0]), float(same[0][1]), max(float(x[2]) for x in same),
+                                    max(float(x[3]) for x in same)) for same in rows)
+    return out
 
 
 def copy_bandwidth(nbytes: float, seconds: float) -> float:
@@ -426,6 +442,10 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
         measured["device"]["memory_bandwidth"] = _sig(m.memory_bandwidth)
     if m.kernel_launch is not None:
         measured["device"]["kernel_launch"] = _sig(m.kernel_launch)
+    if m.ops:
+        measured["device"]["op_costs"] = {dtype: {op: {k: (_sig(v) if isinstance(v, float) else v) for k, v in c.items()}
+                                                  for op, c in fit_op_costs(list(t)).items()}
+                                          for dtype, t in m.ops.items()}
     if m.p2p:
         link = link_from_allreduce(m.allreduce, m.nproc) if m.allreduce else link_from_p2p(m.p2p)
         measured.update(intra_node=link, inter_node=dict(link))
@@ -462,6 +482,16 @@ def summary_lines(m: Measurement) -> list[str]:
     if m.kernel_launch is not None:
         lines.append("kernel_launch: a chain of tiny (1x8)@(8x8) linear layers, forward + backward, over 3 kernels "
                      f"per layer (the cost model's count), slowest rank: {m.kernel_launch * 1e6:.2f} us")
+    for dtype, timings in m.ops.items():
+        fits = fit_op_costs(list(timings))
+        lines.append(f"op_costs {dtype}: {len(fits)} operators, each alone with autograd at {len(timings) // max(1, len(fits))} "
+                     "sizes, all processes at once, slowest rank; time = fixed + per-unit x units (output elements, "
+                     "FLOPs for linear / conv / attention), least squares, forward | backward, e.g.:")
+        for op in ("linear", "gelu", "layer_norm", "add", "view"):
+            if op in fits:
+                c = fits[op]
+                lines.append(f"  {op:12} fwd {c['fwd_fixed_s'] * 1e6:7.2f} us + {c['fwd_per_unit_s'] * 1e12:9.3f} ps/{c['per']}"
+                             f"  | bwd {c['bwd_fixed_s'] * 1e6:7.2f} us + {c['bwd_per_unit_s'] * 1e12:9.3f} ps/{c['per']}")
     if m.p2p:
         lines.append("p2p ping-pong, one way; link = least-squares fit of time = latency + bytes / bandwidth:")
         lines += [f"  {format_bytes(n):>10}: {s * 1e6:10.1f} us  {n / s / 1e9:8.3f} GB/s" for n, s in m.p2p]

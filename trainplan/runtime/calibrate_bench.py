@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from trainplan.runtime.calibrate import TORCH_DTYPE, BenchPlan, CalibrationError, Gemm
 from trainplan.runtime.local_workers import WorkerContext
+from trainplan.runtime.op_bench import time_all
 
 
 def _sync(device: torch.device) -> None:
@@ -176,8 +177,8 @@ def _memory_facts(device: torch.device) -> dict[str, int]:
 
 
 def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
-    """One worker's measurements: memory, matrix products, memory copy and per-kernel cost (all ranks
-    at once), then communication."""
+    """One worker's measurements: memory, matrix products, memory copy, per-kernel cost and the
+    per-operator table (:mod:`trainplan.runtime.op_bench`), all ranks at once, then communication."""
     plan = BenchPlan.from_json(ctx.config)
     result: dict[str, Any] = {"memory": _memory_facts(ctx.device)}
     if ctx.device.type == "cuda":
@@ -189,6 +190,10 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
     _barrier(ctx)
     result["kernel"] = time_kernel_overhead(ctx.device, plan)
     _barrier(ctx)
+    if plan.op_dtypes:
+        result["ops"] = {dt: [[t.op, t.units, t.fwd_s, t.bwd_s] for t in time_all(ctx.device, TORCH_DTYPE[dt], plan.quick)]
+                         for dt in plan.op_dtypes if _dtype_works(dt, ctx.device)}
+        _barrier(ctx)
     if ctx.world_size > 1:
         result["allreduce"] = [[n, time_allreduce(n, ctx, plan)] for n in plan.comm_sizes]
         result["p2p"] = [[n, time_pingpong(n, ctx, plan)] for n in plan.comm_sizes]

@@ -65,6 +65,8 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from trainplan.errors import TrainplanError
 from trainplan.ir.loading import dump_yaml
@@ -365,6 +367,33 @@ def optimizer_state(stages: dict[int, nn.Module], optimizer: torch.optim.Optimiz
 
 
 @torch.no_grad()
+def contiguous_view(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[DTensor, DTensor]]]:
+    """``state`` with every DTensor that has a ``_StridedShard`` placement replaced by a copy sharded
+    contiguously on the same dimension; also the (original, copy) pairs.
+
+    DCP records a rank's part of a DTensor as one block (offsets and sizes); the ``qkv``
+    tensor-parallel style's strided shard (this rank's columns of q, of k and of v) is not one
+    block, and DCP refuses its overlapping "blocks". The copy (a redistribution over the tp ranks)
+    holds the same global tensor, so the checkpoint does not depend on the style; after a load,
+    :func:`copy_back` puts the loaded values into the originals.
+    """
+    out, pairs = dict(state), []
+    for key, value in state.items():
+        if isinstance(value, DTensor) and any(isinstance(p, _StridedShard) for p in value.placements):
+            placements = [Shard(p.dim) if isinstance(p, _StridedShard) else p for p in value.placements]
+            out[key] = value.redistribute(value.device_mesh, placements)
+            pairs.append((value, out[key]))
+    return out, pairs
+
+
+@torch.no_grad()
+def copy_back(pairs: list[tuple[DTensor, DTensor]]) -> None:
+    """Write each loaded contiguous copy into its strided original (see :func:`contiguous_view`)."""
+    for original, copy in pairs:
+        original.to_local().copy_(copy.redistribute(original.device_mesh, original.placements).to_local())
+
+
+@torch.no_grad()
 def create_optimizer_state(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
     """Give a fresh optimizer its state tensors (zeros) so a checkpoint can be loaded into them.
 
@@ -504,12 +533,13 @@ class Checkpointer:
         params = [p for _, p in named_parameters(self.stages)]
         unique = list({id(p): p for p in params}.values())
         create_optimizer_state(unique, self.optimizer)
-        state = {**model_state(self.stages), **optimizer_state(self.stages, self.optimizer)}
+        state, strided = contiguous_view({**model_state(self.stages), **optimizer_state(self.stages, self.optimizer)})
         rng_key = f"rng.rank{self.rank}"
         if same_mesh:
             state[rng_key] = rng_state(self.device)
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(folder))
+            copy_back(strided)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - DCP wraps per-rank errors; the first line says what
@@ -594,8 +624,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        state = {**model_state(self.stages), **optimizer_state(self.stages, self.optimizer),
-                 f"rng.rank{self.rank}": rng_state(self.device)}
+        state, _ = contiguous_view({**model_state(self.stages), **optimizer_state(self.stages, self.optimizer)})
+        state[f"rng.rank{self.rank}"] = rng_state(self.device)
         scaler = None
         if self.scaler is not None and self.scaler.enabled:
             scaler = {"scale": self.scaler.scale, "clean_steps": self.scaler._clean_steps}

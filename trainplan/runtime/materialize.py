@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -37,13 +38,41 @@ def local_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The part of ``full`` (the unsharded values) that this rank holds of ``param``.
 
     A plain tensor holds all of it; a DTensor (tensor parallel, FSDP, or both) holds the block
-    its placements give this rank, computed locally without communication.
+    its placements give this rank, computed locally without communication. A ``_StridedShard``
+    (the ``qkv`` tensor-parallel style: this rank's columns of q, of k and of v) is not one block:
+    its elements are picked per dimension as DTensor itself splits them.
     """
     if not isinstance(param, DTensor):
         return full
+    if any(isinstance(p, _StridedShard) for p in param.placements):
+        return _strided_local(full, param)
     shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
     index = tuple(slice(start, start + size) for start, size in zip(offset, shape))
     return full[index]
+
+
+def _strided_local(full: torch.Tensor, param: DTensor) -> torch.Tensor:
+    """This rank's elements of ``full`` under placements that include ``_StridedShard``.
+
+    Each tensor dimension's global indices are split mesh dimension by mesh dimension, left to
+    right, with the placement's own ``_split_tensor`` (the split ``distribute_tensor`` makes), on
+    a 1-D index vector; the local tensor is ``full`` at those indices.
+    """
+    mesh = param.device_mesh
+    coordinate = mesh.get_coordinate()
+    indices = [torch.arange(n) for n in full.shape]
+    for mesh_dim, placement in enumerate(param.placements):
+        if not isinstance(placement, Shard | _StridedShard):
+            continue
+        dim = placement.dim % full.ndim
+        along = (_StridedShard(0, split_factor=placement.split_factor) if isinstance(placement, _StridedShard)
+                 else Shard(0))
+        pieces, _ = along._split_tensor(indices[dim], mesh.size(mesh_dim), with_padding=False)
+        indices[dim] = pieces[coordinate[mesh_dim]]
+    out = full
+    for dim, index in enumerate(indices):
+        out = out.index_select(dim, index)
+    return out
 
 
 def _local_tensor(param: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class _Held:
 
     __slots__ = ("tensor", "key", "tracker")
 
-    def __init__(self, tensor: torch.Tensor, key: int, tracker: "SavedTensorTracker") -> None:
+    def __init__(self, tensor: torch.Tensor, key: Any, tracker: "SavedTensorTracker") -> None:
         self.tensor, self.key, self.tracker = tensor, key, tracker
 
     def __del__(self) -> None:
@@ -121,8 +121,8 @@ class SavedTensorTracker:
     """Live and peak bytes of the distinct storages the autograd graph saved for backward."""
 
     def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
-        self.sizes: dict[int, int] = {}
+        self.counts: dict[Any, int] = {}  # storage (or data slice) -> saved tensors holding it
+        self.sizes: dict[Any, int] = {}
         self.live = 0
         self.peak = 0
 
@@ -145,6 +145,11 @@ class SavedTensorTracker:
         if key is None or _is_parameter(t):
             return t.detach()
         ptr, nbytes = key
+        if t.grad_fn is None and not t.requires_grad:
+            # Data fed to the model (token ids, images): the runtime cuts each micro-batch as a view of
+            # the replica's batch, which the trainer holds anyway; what the micro-batch adds is its own
+            # rows, and two micro-batches in flight are two such slices of one storage.
+            ptr, nbytes = (ptr, t.storage_offset()), min(nbytes, t.numel() * t.element_size())
         count = self.counts.get(ptr, 0)
         self.counts[ptr] = count + 1
         if count == 0:
@@ -157,7 +162,7 @@ class SavedTensorTracker:
     def unpack(held: Any) -> torch.Tensor:
         return held.tensor if isinstance(held, _Held) else held
 
-    def release(self, ptr: int) -> None:
+    def release(self, ptr: Any) -> None:
         count = self.counts.get(ptr, 0) - 1
         if count > 0:
             self.counts[ptr] = count

@@ -12,6 +12,17 @@
   holds a slice of the rows, the looked-up vectors are summed across ranks).
 * ``replicate``: the parameters are replicated; with sequence parallelism a LayerNorm/RMSNorm
   becomes ``SequenceParallel``.
+* ``qkv``: column-parallel for a fused ``[q | k | v]`` projection (transformers' GPT-2 ``c_attn``):
+  a plain column split would give rank 0 all of q and half of k, so each of the three blocks is
+  split over the ranks instead — rank ``r`` holds its heads' columns of q, of k and of v, which is
+  DTensor's ``_StridedShard(dim, split_factor=3)`` (the parameter's global value is unchanged, so
+  initialisation, gathering and checkpoints see the single-process tensor). The parent attention
+  splits this rank's output into its three parts (``split_size``, divided by the tp degree).
+
+``colwise``, ``rowwise`` and ``qkv`` also take transformers' ``Conv1D`` (GPT-2), ``y = x @ W + b``
+with ``W`` of shape ``(in, out)``, the transpose of a Linear's: its output features are dim 1 of
+the weight (dim 0 of the bias), its input features dim 0 (Shoeybi et al. 2019, Sec. 3, with the
+weight transposed).
 
 Sequence parallelism (``plan.sequence_parallel``, Korthikanti et al. 2022 §4.2.2) keeps the
 residual stream between blocks split along the sequence (dim 1 of ``(batch, seq, hidden)``):
@@ -25,10 +36,13 @@ Every parameterised module in that region must therefore be tensor-parallel or a
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -45,6 +59,17 @@ from trainplan.runtime.errors import PlanExecutionError
 from trainplan.runtime.structure import is_norm, match_paths
 
 SEQ = Shard(1)  # activations are (batch, seq, hidden)
+QKV_PARTS = 3  # a fused projection's output blocks: q, k, v
+COLUMN_STYLES = ("colwise", "qkv")  # styles whose outputs are split over the tp ranks
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's layers): ``y = x @ weight + bias``, weight ``(nx, nf)`` = (in, out).
+
+    Recognised by its name and shape so that the runtime does not import transformers."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and weight is not None
+            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
 
 
 def resolve_styles(model: nn.Module, styles: dict[str, TPStyle]) -> dict[str, TPStyle]:
@@ -65,13 +90,29 @@ def resolve_styles(model: nn.Module, styles: dict[str, TPStyle]) -> dict[str, TP
     return out
 
 
+_ALLOWED = {"colwise": ("Linear", "Embedding", "Conv1D"), "rowwise": ("Linear", "Conv1D"), "vocab": ("Embedding",),
+            "qkv": ("Conv1D",)}
+
+
+def _kind(module: nn.Module) -> str:
+    if is_conv1d(module):
+        return "Conv1D"
+    for cls in (nn.Linear, nn.Embedding):
+        if isinstance(module, cls):
+            return cls.__name__
+    return type(module).__name__
+
+
 def _check_style(path: str, module: nn.Module, style: TPStyle) -> None:
-    allowed = {"colwise": (nn.Linear, nn.Embedding), "rowwise": (nn.Linear,), "vocab": (nn.Embedding,)}
-    if style in allowed and not isinstance(module, allowed[style]):
-        kinds = " or ".join(t.__name__ for t in allowed[style])
+    allowed = _ALLOWED.get(style)
+    if allowed is not None and _kind(module) not in allowed:
+        kinds = " or ".join(allowed)
         raise PlanExecutionError(
             f"tp_styles: {path!r} is a {type(module).__name__}; style {style!r} applies to {kinds} modules"
         )
+    if style == "qkv" and module.nf % QKV_PARTS:
+        raise PlanExecutionError(f"tp_styles: {path!r} has {module.nf} output features, not {QKV_PARTS} equal "
+                                 "blocks q, k, v; style 'qkv' needs a fused q/k/v projection")
 
 
 def head_features(task: TaskSpec) -> int | None:
@@ -98,7 +139,7 @@ def sequence_region(model: nn.Module, styles: dict[str, TPStyle], blocks: list[s
         module = model.get_submodule(name)
         if is_norm(module):
             norms.append(name)
-        elif any(True for _ in module.parameters(recurse=False)) and styles.get(name) not in ("colwise", "rowwise"):
+        elif any(True for _ in module.parameters(recurse=False)) and styles.get(name) not in (*COLUMN_STYLES, "rowwise"):
             raise PlanExecutionError(
                 f"sequence_parallel: {name!r} ({type(module).__name__}) holds parameters inside the sequence-parallel "
                 "region but is neither colwise/rowwise nor a norm; give it a tensor-parallel style or set "
@@ -119,10 +160,17 @@ def parallel_plan(
     plan: dict[str, ParallelStyle] = {}
     for path, style in styles.items():
         module = model.get_submodule(path)
-        if style == "colwise":
+        if style == "colwise" and is_conv1d(module):
+            plan[path] = Conv1DColwise()
+        elif style == "colwise":
             plan[path] = _colwise(module, task, sequence_parallel)
+        elif style == "qkv":
+            plan[path] = Conv1DColwise(parts=QKV_PARTS)
+            parent = path.rpartition(".")[0]
+            plan[parent] = LocalSplitSize(_fused_split_width(model, parent, path, module))
         elif style == "rowwise":
-            plan[path] = RowwiseParallel(output_layouts=SEQ if sequence_parallel else Replicate())
+            output = SEQ if sequence_parallel else Replicate()
+            plan[path] = Conv1DRowwise(output_layouts=output) if is_conv1d(module) else RowwiseParallel(output_layouts=output)
         elif style == "vocab":
             plan[path] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if sequence_parallel:
@@ -146,7 +194,7 @@ def _sequence_parallel_plan(
     }
     plan.update({norm: SequenceParallel(use_local_output=True) for norm in norms})
     for path, style in styles.items():
-        if style != "colwise" or is_head(model.get_submodule(path), task):
+        if style not in COLUMN_STYLES or is_head(model.get_submodule(path), task):
             continue
         parent = path.rpartition(".")[0]
         if not parent or parent in blocks:
@@ -156,6 +204,115 @@ def _sequence_parallel_plan(
             )
         plan[parent] = gather
     return plan
+
+
+def _fused_split_width(model: nn.Module, parent: str, path: str, module: nn.Module) -> int:
+    """The width at which ``path``'s parent splits the fused q/k/v output (its ``split_size``), checked.
+
+    transformers' GPT-2 attention runs ``c_attn(x).split(self.split_size, dim=2)`` with
+    ``split_size`` = hidden size; on a rank the output is 1/t as wide, so the split must be too.
+    """
+    owner = model.get_submodule(parent) if parent else model
+    width = getattr(owner, "split_size", None)
+    if width is None or width * QKV_PARTS != module.nf:
+        raise PlanExecutionError(
+            f"tp_styles: {path!r} is 'qkv', but its parent {parent!r} ({type(owner).__name__}) does not split the "
+            f"fused output into {QKV_PARTS} parts of {module.nf // QKV_PARTS} by a 'split_size' attribute "
+            "(transformers' GPT-2 attention does); the per-rank split could not be adjusted"
+        )
+    return width
+
+
+class Conv1DColwise(ColwiseParallel):
+    """Column parallelism for transformers' ``Conv1D``: weight ``Shard(1)``, bias ``Shard(0)``.
+
+    ``parts > 1``: the output features are ``parts`` equal blocks (a fused ``[q | k | v]``); rank
+    ``r`` holds the ``r``-th ``1/t`` of every block of the weight, ``_StridedShard(1,
+    split_factor=parts)``, so its local output is ``[q_r | k_r | v_r]`` — its own heads of each
+    (Shoeybi et al. 2019, Sec. 3: attention heads split over the ranks). The bias (``3h``
+    elements) stays whole on every rank and the forward takes this rank's part of it. It is not
+    strided like the weight because FSDP (ZeRO 2/3, ``replicate``) shards dim 0 of every tensor,
+    and a dim-0 shard of a strided dim-0 shard is a layout DTensor's placements do not describe
+    (gathered, such a bias came out permuted).
+    """
+
+    def __init__(self, parts: int = 1) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def _placement(self, dim: int) -> Placement:
+        return Shard(dim) if self.parts == 1 else _StridedShard(dim, split_factor=self.parts)
+
+    def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if pname == "weight":  # (in, out)
+                placement = self._placement(1)
+            else:  # bias (out,)
+                placement = Shard(0) if self.parts == 1 else Replicate()
+            shard = distribute_tensor(param, mesh, [placement], src_data_rank=self.src_data_rank)
+            module.register_parameter(pname, nn.Parameter(shard, requires_grad=param.requires_grad))
+
+    def _output(self, mod: nn.Module, outputs: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+        wanted = (self._placement(outputs.ndim - 1),)
+        if outputs.placements != wanted:  # the output features (last dim) as the weight's columns
+            outputs = outputs.redistribute(placements=wanted)
+        return outputs.to_local()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if self.parts > 1 and module.bias is not None:
+            module.forward = partial(self._forward_with_bias_part, module)
+        return distribute_module(
+            module, device_mesh, self._partition,
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts), self._output,
+        )
+
+    def _forward_with_bias_part(self, module: nn.Module, x: DTensor) -> DTensor:
+        """``Conv1D.forward`` (``addmm(bias, x, weight)``, transformers.pytorch_utils) with this rank's
+        part of the whole bias taken by an explicit redistribution: its backward gathers the bias
+        gradient whole, like the parameter (left to ``addmm``, the redistribution would leave this
+        rank's part as the gradient of a whole parameter)."""
+        bias = module.bias.redistribute(placements=[self._placement(0)])
+        out = torch.addmm(bias, x.view(-1, x.size(-1)), module.weight)
+        return out.view(*x.shape[:-1], module.nf)
+
+
+class Conv1DRowwise(RowwiseParallel):
+    """Row parallelism for transformers' ``Conv1D``: weight ``Shard(0)`` (its input features), bias
+    replicated (added once after the partial sums are reduced), input split on its last dim."""
+
+    def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        for pname, param in list(module.named_parameters(recurse=False)):
+            placement = Shard(0) if pname == "weight" else Replicate()
+            shard = distribute_tensor(param, mesh, [placement], src_data_rank=self.src_data_rank)
+            module.register_parameter(pname, nn.Parameter(shard, requires_grad=param.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.desired_input_layouts = (Shard(-1),)
+        return distribute_module(
+            module, device_mesh, self._partition,
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+        )
+
+
+class LocalSplitSize(ParallelStyle):
+    """The module that splits a ``qkv`` projection's output (its ``split_size``, GPT-2's attention)
+    splits this rank's ``1/t`` as wide output: ``split_size`` becomes ``width / t``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        t = device_mesh.size()
+        head_dim = getattr(module, "head_dim", 1)
+        if self.width % (t * head_dim):
+            raise PlanExecutionError(
+                f"tensor parallelism over {t} ranks cannot split {type(module).__name__}'s fused q/k/v width "
+                f"{self.width} into whole heads of {head_dim}"
+            )
+        module.split_size = self.width // t
+        return module
 
 
 def _colwise(module: nn.Module, task: TaskSpec, sequence_parallel: bool) -> ColwiseParallel:

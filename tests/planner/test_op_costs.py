@@ -1,0 +1,133 @@
+"""The measured-operator time model: which operators a traced unit runs (trainplan.planner.op_uses),
+their cost (trainplan.planner.cost.ops) and its use by the evaluation when the cluster has a table."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainplan import api
+from trainplan.ir.cluster import OpCost
+from trainplan.planner.cost.ops import OpUse, loss_time_s, op_time_s, ops_time_s
+from trainplan.planner.model_costs import model_costs_from_graph
+
+SMALL = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq_len": 32}
+
+
+def spec(model: str = "gpt", args: dict | None = None, cluster: dict | None = None, parallel: dict | None = None,
+         batch: int = 8):
+    return api.spec_from_dict({
+        "name": "ops", "model": {"catalogue": model, "args": args or SMALL}, "task": {"kind": "lm"},
+        "training": {"global_batch": batch, "precision": "fp32", "optimizer": "adam", "steps": 1, "seed": 0},
+        "cluster": cluster or {"preset": "cpu-local"}, "parallel": parallel or {}})
+
+
+def uses(model: str, args: dict | None = None):
+    return model_costs_from_graph(api.trace(spec(model, args))).units
+
+
+def by_op(unit_ops) -> dict[str, OpUse]:
+    return {u.op: u for u in unit_ops}
+
+
+def test_a_gpt_block_runs_its_operators_per_sample() -> None:
+    units = uses("gpt")
+    block = by_op(units[1].ops)
+    assert block["linear"].calls == 6 and block["linear"].grad
+    b, s, h = 1, SMALL["seq_len"], SMALL["hidden"]
+    # q, k, v, proj: 2·s·h·h each; fc and proj of the MLP: 2·s·h·4h each — per sample, sharded under TP
+    assert block["linear"].units_sharded == pytest.approx(b * (4 * 2 * s * h * h + 2 * 2 * s * h * 4 * h))
+    assert block["layer_norm"].calls == 2 and block["layer_norm"].units_replicated == 2 * s * h
+    # inside the column-parallel MLP; the catalogue GPT's tanh GeLU is a kernel of its own
+    assert block["gelu[approximate=tanh]"].units_sharded == s * 4 * h
+    assert block["module_call"].calls == 12 and not block["module_call"].grad  # Block, ln_1, attn, q, k, v, ...
+    assert block["scaled_dot_product_attention"].kind == "flop"
+    assert block["transpose"].kind == "view"
+
+
+def test_batch_independent_work_is_not_scaled() -> None:
+    # llama's rotary tables (arange, outer, cos, sin) are computed once per forward whatever the batch,
+    # and no gradient flows into them
+    emb = [u for u in uses("llama", dict(SMALL, kv_heads=2)) if u.kind == "block"][0]
+    ops = by_op(emb.ops)
+    assert ops["cos"].units_constant > 0 and ops["cos"].units_replicated == 0 and ops["cos"].units_sharded == 0
+    assert not ops["cos"].grad and not ops["arange"].grad
+
+
+def test_op_time_is_fixed_plus_units_and_views_are_fixed_only() -> None:
+    cost = OpCost(per="element", fwd_fixed_s=2e-6, fwd_per_unit_s=1e-9, bwd_fixed_s=5e-6, bwd_per_unit_s=3e-9)
+    use = OpUse("gelu", "element", True, 2, 100.0, 400.0, 10.0)
+    f, b = op_time_s(use, cost, micro_batch=4, tp=2)
+    units = 4 * (100 + 400 / 2) + 10
+    assert f == pytest.approx(2 * 2e-6 + units * 1e-9) and b == pytest.approx(2 * 5e-6 + units * 3e-9)
+    assert op_time_s(OpUse("gelu", "element", False, 2, 100.0, 0.0, 0.0), cost, 1, 1)[1] == 0.0
+    view = OpUse("transpose", "view", True, 3, 1e6, 0.0, 0.0)
+    assert op_time_s(view, cost, 8, 1) == pytest.approx((3 * 2e-6, 3 * 5e-6))
+
+
+def test_a_variant_uses_its_own_entry_else_the_operators() -> None:
+    table = {"gelu": OpCost(per="element", fwd_fixed_s=1e-6), "gelu[approximate=tanh]": OpCost(per="element", fwd_fixed_s=3e-6)}
+    assert ops_time_s((OpUse("gelu[approximate=tanh]", "element", False, 1, 0, 0, 0),), table, 1, 1)[0] == 3e-6
+    assert ops_time_s((OpUse("gelu[approximate=none]", "element", False, 1, 0, 0, 0),), table, 1, 1)[0] == 1e-6
+
+
+def test_unmeasured_operators_use_their_kinds_fallback_or_fail_by_name() -> None:
+    table = {"add": OpCost(per="element", fwd_fixed_s=1e-6), "linear": OpCost(per="flop", fwd_fixed_s=7e-6)}
+    assert ops_time_s((OpUse("erfinv", "element", False, 1, 0, 0, 0),), table, 1, 1)[0] == pytest.approx(1e-6)
+    assert ops_time_s((OpUse("bmm", "flop", False, 1, 0, 0, 0),), table, 1, 1)[0] == pytest.approx(7e-6)
+    with pytest.raises(KeyError, match="'view'"):
+        ops_time_s((OpUse("view", "view", False, 1, 0, 0, 0),), table, 1, 1)
+    assert loss_time_s(table, 100.0, 1, 1) == (0.0, 0.0)
+
+
+def table(scale: float = 1.0) -> dict:
+    entry = {"fwd_fixed_s": 3e-6 * scale, "fwd_per_unit_s": 1e-9 * scale, "bwd_fixed_s": 8e-6 * scale,
+             "bwd_per_unit_s": 2e-9 * scale}
+    flop = {"fwd_fixed_s": 8e-6 * scale, "fwd_per_unit_s": 4e-12 * scale, "bwd_fixed_s": 2.5e-5 * scale,
+            "bwd_per_unit_s": 8e-12 * scale}
+    return {"add": {"per": "element", **entry}, "view": {"per": "element", **entry, "fwd_per_unit_s": 0.0},
+            "linear": {"per": "flop", **flop}, "cross_entropy": {"per": "element", **entry}}
+
+
+def calibrated(ops: dict | None = None, devices: int = 1) -> dict:
+    free_link = {"bandwidth": 1e15, "latency": 0}  # so that compute alone differs between layouts
+    return {"preset": "cpu-local", "devices_per_node": devices, "device": {"op_costs": {"fp32": ops or table()}},
+            "intra_node": free_link, "inter_node": free_link}
+
+
+def stage_times(s) -> tuple[float, float]:
+    plan, _ = api.plan(s)
+    return plan.stages[0].fwd_time_s, plan.stages[0].bwd_time_s
+
+
+def test_the_plan_sums_the_measured_operators() -> None:
+    fixed = {"dp": 1, "tp": 1, "pp": 1, "micro_batch": 2, "zero": 0, "recompute": "none"}
+    s = spec(cluster=calibrated(), parallel=fixed, batch=2)
+    mc = model_costs_from_graph(api.trace(s))
+    ops = {k: OpCost.model_validate(v) for k, v in table().items()}
+    want_f = sum(ops_time_s(u.ops, ops, 2, 1)[0] for u in mc.units)
+    want_b = sum(ops_time_s(u.ops, ops, 2, 1)[1] for u in mc.units)
+    lf, lb = loss_time_s(ops, mc.loss_bytes / 4, 2, 1)
+    fwd, bwd = stage_times(s)
+    assert fwd == pytest.approx(want_f + lf) and bwd == pytest.approx(want_b + lb)
+    # twice as slow operators: twice the compute time
+    assert stage_times(spec(cluster=calibrated(table(2.0)), parallel=fixed, batch=2)) == pytest.approx((2 * fwd, 2 * bwd))
+
+
+def test_full_recompute_repeats_the_forward_and_tp_divides_the_sharded_work() -> None:
+    base = {"dp": 1, "pp": 1, "micro_batch": 1, "zero": 0}
+    f0, b0 = stage_times(spec(cluster=calibrated(), parallel=base | {"tp": 1, "recompute": "none"}, batch=1))
+    f1, b1 = stage_times(spec(cluster=calibrated(), parallel=base | {"tp": 1, "recompute": "full"}, batch=1))
+    blocks = [u for u in model_costs_from_graph(api.trace(spec())).units if u.kind == "block"]
+    ops = {k: OpCost.model_validate(v) for k, v in table().items()}
+    assert b1 - b0 == pytest.approx(sum(ops_time_s(u.ops, ops, 1, 1)[0] for u in blocks))
+    work_only = {op: {k: (0.0 if "fixed" in k else v) for k, v in c.items()} for op, c in table().items()}
+    w1, _ = stage_times(spec(cluster=calibrated(work_only), parallel=base | {"tp": 1, "recompute": "none"}, batch=1))
+    w2, _ = stage_times(spec(cluster=calibrated(work_only, devices=2), parallel=base | {"tp": 2, "recompute": "none"},
+                             batch=1))
+    # the Megatron-sharded GEMMs, attention, the MLP's element-wise ops and the vocabulary-parallel head and
+    # loss halve; norms and residual adds do not
+    mc, ops = model_costs_from_graph(api.trace(spec())), {k: OpCost.model_validate(v) for k, v in work_only.items()}
+    for t, got in ((1, w1), (2, w2)):
+        want = sum(ops_time_s(u.ops, ops, 1, t)[0] for u in mc.units) + loss_time_s(ops, mc.loss_bytes / 4, 1, t)[0]
+        assert got == pytest.approx(want, rel=1e-3)
+    assert 0.5 * w1 < w2 < 0.8 * w1

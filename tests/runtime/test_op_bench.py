@@ -1,0 +1,68 @@
+"""The per-operator table of `trainplan calibrate` (trainplan.runtime.op_bench): the fit, the probes,
+and the aggregation over ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainplan.runtime.calibrate import slowest_op_timings
+from trainplan.runtime.op_bench import (
+    ELEMENTWISE_PROBES,
+    FLOP_PROBES,
+    OpTiming,
+    fit_linear,
+    fit_op_costs,
+    time_probe,
+)
+
+UNITS = [1e3, 1.6e4, 1.3e5]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(0, 1e-3), st.floats(0, 1e-8))
+def test_fit_recovers_fixed_and_per_unit(fixed: float, per_unit: float) -> None:
+    f, u = fit_linear(UNITS, [fixed + per_unit * n for n in UNITS])
+    assert f == pytest.approx(fixed, rel=1e-6, abs=1e-12) and u == pytest.approx(per_unit, rel=1e-6, abs=1e-18)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 1e-3), min_size=3, max_size=3))
+def test_fit_is_never_negative(seconds: list[float]) -> None:
+    f, u = fit_linear(UNITS, seconds)
+    assert f >= 0 and u >= 0
+    # the constrained fit still passes through the data's scale: no point is off by more than the largest time
+    assert all(abs(f + u * n - s) <= max(seconds) + 1e-15 for n, s in zip(UNITS, seconds))
+
+
+def test_fit_rejects_mismatched_input() -> None:
+    with pytest.raises(ValueError):
+        fit_linear([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("op", sorted(ELEMENTWISE_PROBES) + sorted(FLOP_PROBES))
+def test_every_probe_runs_forward_and_backward(op: str) -> None:
+    per_flop = op in FLOP_PROBES
+    probe = FLOP_PROBES[op] if per_flop else ELEMENTWISE_PROBES[op]
+    t = time_probe(op, probe, 1024, torch.device("cpu"), torch.float32, per_flop=per_flop, rounds=1, repeats=1)
+    assert t.op == op and t.units > 0 and t.fwd_s >= 0 and t.bwd_s >= 0
+    if per_flop:  # counted with torch's flop counter, as the graph front end counts
+        assert t.units >= 1024
+
+
+def test_op_costs_per_op_and_kind() -> None:
+    timings = [OpTiming("gelu", n, 2e-6 + 1e-9 * n, 5e-6 + 2e-9 * n) for n in UNITS]
+    timings += [OpTiming("linear", n, 1e-5 + 1e-12 * n, 3e-5 + 2e-12 * n) for n in UNITS]
+    fits = fit_op_costs(timings)
+    assert fits["gelu"]["per"] == "element" and fits["linear"]["per"] == "flop"
+    assert fits["gelu"]["bwd_per_unit_s"] == pytest.approx(2e-9) and fits["linear"]["fwd_fixed_s"] == pytest.approx(1e-5)
+
+
+def test_slowest_rank_per_probe() -> None:
+    rank0 = {"fp32": [["add", 10.0, 1.0, 4.0], ["add", 20.0, 2.0, 3.0]]}
+    rank1 = {"fp32": [["add", 10.0, 3.0, 1.0], ["add", 20.0, 1.0, 5.0]]}
+    out = slowest_op_timings([rank0, rank1])
+    assert out["fp32"] == (OpTiming("add", 10.0, 3.0, 4.0), OpTiming("add", 20.0, 2.0, 5.0))
+    assert slowest_op_timings([{}, {}]) == {}
