@@ -119,3 +119,23 @@ def test_a_tensor_saved_by_two_units_counts_once_under_every_policy() -> None:
     cnn = trace(_spec("cnn-group"))
     stem, first = traced_activations(cnn)[:2]
     assert first.full == 0 and stem.none > 0  # the first block's input is the stem's saved ReLU output
+
+
+def test_a_stage_holds_its_own_copy_of_what_an_earlier_stage_saved_too() -> None:
+    """mlp: the ReLU output a block saves is saved again by the next block's linear. In one process that
+    is one storage; a pipeline stage starting at the next block receives it as a tensor of its own."""
+    from trainplan.planner.evaluate import contiguous_stages, prefix_sums
+    from trainplan.planner.model_costs import stage_entry_bytes
+
+    graph = trace(_spec("mlp"))
+    h = 32 * 4
+    assert stage_entry_bytes(graph) == [0.0, h, h, h]
+    spec, mc = _model("mlp")
+    ctx = context_for(spec)
+    for recompute, extra in (("none", 2 * h), ("full", 0.0)):
+        lay = _layout(dp=2, pp=2, micro_batch=2, num_microbatches=2, schedule="gpipe", recompute=recompute)
+        ut = unit_times(mc, lay, ctx)
+        stages, _ = contiguous_stages(ctx, lay, mc, prefix_sums(mc, ut))
+        (i, j), = stages[1].ranges
+        per_mb = sum(ut.acts[i:j + 1])
+        assert stages[1].memory.activations == pytest.approx((per_mb + (extra if i > 0 else 0.0)) * 2)

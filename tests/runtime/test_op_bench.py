@@ -66,3 +66,42 @@ def test_slowest_rank_per_probe() -> None:
     out = slowest_op_timings([rank0, rank1])
     assert out["fp32"] == (OpTiming("add", 10.0, 3.0, 4.0), OpTiming("add", 20.0, 2.0, 5.0))
     assert slowest_op_timings([{}, {}]) == {}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(0.5, 5), st.floats(0.5, 5))
+def test_in_situ_factors_solve_both_sizes(a: float, b: float) -> None:
+    from trainplan.runtime.op_bench import _solve_factors
+
+    fixed, per_unit = (1e-4, 2e-4), (1e-5, 5e-3)  # small size: fixed costs; large size: work
+    measured = tuple(a * f + b * u for f, u in zip(fixed, per_unit))
+    got = _solve_factors(fixed, per_unit, measured, 0.5)  # type: ignore[arg-type]
+    assert got == pytest.approx((a, b), rel=1e-6)
+
+
+def test_in_situ_factors_never_fall_below_the_floor() -> None:
+    from trainplan.runtime.op_bench import _solve_factors
+
+    a, b = _solve_factors((1e-4, 2e-4), (1e-5, 5e-3), (1e-6, 1e-2), 0.5)  # a tiny small-size time
+    assert a == 0.5 and b >= 0.5
+
+
+def test_in_situ_scales_each_direction_and_the_optimizer() -> None:
+    from trainplan.runtime.op_bench import apply_in_situ
+
+    fits = {"gelu": {"per": "element", "fwd_fixed_s": 1.0, "fwd_per_unit_s": 1.0, "bwd_fixed_s": 1.0, "bwd_per_unit_s": 1.0},
+            "optimizer:adam": {"per": "element", "fwd_fixed_s": 1.0, "fwd_per_unit_s": 1.0, "bwd_fixed_s": 0.0,
+                               "bwd_per_unit_s": 0.0}}
+    out = apply_in_situ(fits, {"fwd": (2.0, 3.0), "bwd": (4.0, 5.0), "optimizer": (6.0, 7.0)})
+    assert [out["gelu"][k] for k in ("fwd_fixed_s", "fwd_per_unit_s", "bwd_fixed_s", "bwd_per_unit_s")] == [2, 3, 4, 5]
+    assert (out["optimizer:adam"]["fwd_fixed_s"], out["optimizer:adam"]["fwd_per_unit_s"]) == (6.0, 7.0)
+    assert apply_in_situ(fits, {}) == fits
+
+
+def test_in_situ_factors_are_measured_for_every_direction() -> None:
+    from trainplan.runtime.op_bench import in_situ_factors, time_all
+
+    fits = fit_op_costs(time_all(torch.device("cpu"), torch.float32, quick=True))
+    factors = in_situ_factors(fits, torch.device("cpu"), torch.float32, blocks=1, rounds=1, repeats=1)
+    assert set(factors) == {"fwd", "bwd", "optimizer"}
+    assert all(0.5 <= v < 100 for pair in factors.values() for v in pair)

@@ -67,6 +67,14 @@ class Device(Strict):
         description="Memory the framework and libraries hold before any tensor exists "
         "(CUDA context, NCCL buffers, allocator fragmentation).",
     )
+    compute_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of its own speed a device keeps while every device of the node computes at "
+        "once: CPU worker processes that outnumber the cores are time-sliced (`trainplan calibrate` writes "
+        "cores / (processes x threads)); the measured operator costs (op_costs) are divided by it.",
+    )
     op_costs: dict[Dtype, dict[str, OpCost]] = Field(
         default_factory=dict,
         description="Measured per-operator costs by compute dtype, from `trainplan calibrate` (op name as "

@@ -63,6 +63,7 @@ class UnitTimes:
     transient: tuple[float, ...]  # recompute working set
     params: tuple[float, ...]  # parameters on one device (TP-sharded)
     tp_degree: int  # the tensor-parallel degree the sharded parameters were divided by
+    entry: tuple[float, ...] = ()  # bytes per micro-batch a stage starting at the unit holds again (model_costs.stage_entry_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,8 @@ def measured_compute(ctx: Context, u: UnitCost, lay: Layout, loss_bytes: float =
         redo = frozenset(base_name(use.op) for use in u.ops) - SELECTIVE_SAVED_OPS
         bwd += ops_time_s(u.ops, table, lay.micro_batch, tp, only=redo)[0]
     lf, lb = loss_time_s(table, loss_bytes / 4, lay.micro_batch, tp)
-    return fwd + lf, bwd + lb
+    share = ctx.cluster.device.compute_share  # the table is one device at full speed; all of them run at once
+    return (fwd + lf) / share, (bwd + lb) / share
 
 
 def _tp_divides(u: UnitCost) -> bool:
@@ -252,7 +254,9 @@ def unit_times(model: ModelCosts, lay: Layout, ctx: Context) -> UnitTimes:
         rows.append(seen[key])
     cols = list(zip(*rows))
     sharded = lay.tp if model.facts is not None else 1
-    return UnitTimes(*(tuple(c) for c in cols), tp_degree=sharded)
+    # Without recomputation only: checkpointed blocks keep their inputs, which traced_activations counts.
+    entry = tuple(u.act_entry * lay.micro_batch if lay.recompute == "none" else 0.0 for u in model.units)
+    return UnitTimes(*(tuple(c) for c in cols), tp_degree=sharded, entry=entry)
 
 
 # ------------------------------------------------------------------------------- stages
@@ -265,6 +269,7 @@ class _Prefix:
         self.time = _acc([f + b for f, b in zip(ut.fwd, ut.bwd)])
         self.fwd, self.bwd = _acc(ut.fwd), _acc(ut.bwd)
         self.acts, self.params = _acc(ut.acts), _acc(ut.params)
+        self.entry = ut.entry or (0.0,) * len(ut.acts)
         self.transient = max(ut.transient, default=0.0)
         self.blocks = _acc([1.0 if u.kind == "block" else 0.0 for u in model.units])
         self.shared = tuple((unit, owner, count / ut.tp_degree) for unit, owner, count in model.shared)
@@ -278,6 +283,11 @@ class _Prefix:
             if _inside(unit, ranges) and not _inside(owner, ranges):
                 params += count  # e.g. the LM head keeps its own copy of the tied embedding
         return params
+
+    def stage_acts(self, ranges: list[tuple[int, int]]) -> float:
+        """Activations per micro-batch of a stage: its units' spans, plus what each chunk that does
+        not start the model receives and saves again (:func:`model_costs.stage_entry_bytes`)."""
+        return sum(self.span(self.acts, i, j) + (self.entry[i] if i > 0 else 0.0) for i, j in ranges)
 
     def stage_transient(self, ranges: list[tuple[int, int]]) -> float:
         return self.transient if any(self.span(self.blocks, i, j) for i, j in ranges) else 0.0
@@ -300,7 +310,7 @@ def _acc(xs: list[float] | tuple[float, ...]) -> list[float]:
 
 def _memory(ctx: Context, lay: Layout, px: _Prefix, ranges: list[tuple[int, int]], device: int) -> cost.StageMemory:
     params = px.stage_params(ranges)
-    acts = sum(px.span(px.acts, i, j) for i, j in ranges)
+    acts = px.stage_acts(ranges)
     in_flight = cost.in_flight_microbatches(lay.schedule, device, lay.pp, lay.num_microbatches, lay.virtual_stages)  # type: ignore[arg-type]
     state = cost.model_state_bytes(params, lay.zero, lay.dp, ctx.precision, ctx.optimizer)  # type: ignore[arg-type]
     return cost.StageMemory(
@@ -336,14 +346,14 @@ def contiguous_stages(ctx: Context, lay: Layout, model: ModelCosts, px: _Prefix)
     ]
     budget = limit - float(ctx.cluster.device.memory_reserved)
 
-    params, acts, blocks, shared, transient = px.params, px.acts, px.blocks, px.shared, px.transient
+    params, acts, blocks, shared, transient, entry = px.params, px.acts, px.blocks, px.shared, px.transient, px.entry
 
     def fits(k: int, i: int, j: int) -> bool:  # the partition's hot path: plain arithmetic
         held = params[j + 1] - params[i]
         for unit, owner, count in shared:
             if i <= unit <= j and not i <= owner <= j:
                 held += count
-        used = held * per_param + (acts[j + 1] - acts[i]) * in_flight[k]
+        used = held * per_param + (acts[j + 1] - acts[i] + (entry[i] if i > 0 else 0.0)) * in_flight[k]
         if blocks[j + 1] > blocks[i]:
             used += transient
         return used <= budget
@@ -534,7 +544,8 @@ def optimizer_time(ctx: Context, model: ModelCosts, lay: Layout, stage: StageCos
     if measured is None or not tensors:
         return cost.optimizer_step_time_s(stage.params / shard, ctx.precision, ctx.optimizer, ctx.cluster.device)
     per_rank = tensors / shard if lay.zero == 1 else tensors
-    return per_rank * measured.fwd_fixed_s + stage.params / shard * measured.fwd_per_unit_s
+    update = per_rank * measured.fwd_fixed_s + stage.params / shard * measured.fwd_per_unit_s
+    return update / ctx.cluster.device.compute_share
 
 
 def fsdp_units(model: ModelCosts, stage: StageCost) -> int:
@@ -559,8 +570,19 @@ def evaluate(
     dp_s, algo, crosses = dp_exposed(ctx, lay, stages, model)
     # The update runs after the gradients are in; ZeRO-1+ updates a 1/dp shard on each rank.
     shard = lay.dp if lay.zero >= 1 else 1
-    opt_s = max(optimizer_time(ctx, model, lay, s, shard) for s in stages)
+    opt_s = max(optimizer_time(ctx, model, lay, s, shard) for s in stages) + step_bookkeeping_s(ctx, lay)
     return _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, model, ctx)
+
+
+def step_bookkeeping_s(ctx: Context, lay: Layout) -> float:
+    """The runtime's one collective per step outside the training math: an all-gather of every rank's
+    (loss share, peak memory) pair, 16 bytes each (``trainplan.runtime.train.mean_loss_and_peak_memory``),
+    so that every rank reports the global loss. Latency-bound: ``(n−1)·α`` (:func:`cost.all_gather_time_s`)."""
+    world = lay.dp * lay.tp * lay.pp
+    if world <= 1:
+        return 0.0
+    link = cost.group_link(ctx.cluster, world, 1)
+    return cost.all_gather_time_s(16.0 * world, world, link)
 
 
 def _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, model, ctx) -> Evaluation:  # noqa: ANN001

@@ -40,6 +40,7 @@ class UnitCost:
     act_full: float = 0.0  # kept under ``recompute: full``: the unit's inputs
     ops: tuple = ()  # the unit's operators (trainplan.planner.cost.ops.OpUse), for measured op costs; () untraced
     param_tensors: float = 0.0  # parameter tensors the unit owns (an optimizer's fixed cost is per tensor); 0 untraced
+    act_entry: float = 0.0  # saved here and by an earlier unit (counted there): a stage starting here holds its own copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +108,12 @@ def model_costs_from_graph(graph: OpGraph, hf_arch: str | None = None) -> ModelC
     acts = traced_activations(graph, styles)
     ops = graph_op_uses(graph, styles)
     tensors = owned_param_tensors(graph)
+    entry = stage_entry_bytes(graph)
     units = tuple(
         UnitCost(u.name, u.kind, u.modules, float(u.params), u.flops_fwd, u.flops_bwd, a.none,
                  float(u.output_bytes), float(r), float(unit_kernels(graph.unit_nodes(u))), a.none_sharded,
-                 a.selective, a.selective_sharded, a.full, o, float(t))
-        for u, r, a, o, t in zip(graph.units, replicated, acts, ops, tensors)
+                 a.selective, a.selective_sharded, a.full, o, float(t), e)
+        for u, r, a, o, t, e in zip(graph.units, replicated, acts, ops, tensors, entry)
     )
     shared = []
     for names, holders in zip(graph.tied, graph.tied_units):
@@ -133,6 +135,27 @@ NO_KERNEL_OPS = frozenset({
     "chunk", "unbind", "as_strided", "alias", "detach", "getitem", "getattr", "size", "sym_size", "dim", "numel",
     "Flatten", "Unflatten", "Identity",
 })
+
+
+def stage_entry_bytes(graph: OpGraph) -> list[float]:
+    """Per unit, the bytes per sample it saves for backward that an earlier unit saved first.
+
+    Within one process a tensor two units save is one storage, counted in the first unit
+    (:func:`traced_activations`). A pipeline stage that starts at this unit receives that tensor
+    from the previous stage as a new tensor of its own (a CNN block's input is the ReLU output the
+    previous block saved), so the stage holds it again: the evaluation adds these bytes to a
+    stage's activations when the unit is the stage's first. Policy ``none``; 0 for the first unit.
+    """
+    seen: set[str] = set()
+    out = []
+    for u in graph.units:
+        mine: dict[str, int] = {}
+        for n in graph.unit_nodes(u):
+            for key, nbytes in n.saved:
+                mine.setdefault(key, nbytes)
+        out.append(float(sum(b for k, b in mine.items() if k in seen)))
+        seen.update(mine)
+    return out
 
 
 def owned_param_tensors(graph: OpGraph) -> list[int]:

@@ -43,7 +43,7 @@ from trainplan.ir.cluster import Cluster, deep_merge, preset_dict, preset_names
 from trainplan.ir.units import format_bytes
 from trainplan.runtime import local_workers
 from trainplan.runtime.local_workers import WorkerContext, WorkerError  # noqa: F401 - WorkerContext re-exported
-from trainplan.runtime.op_bench import OpTiming, fit_op_costs
+from trainplan.runtime.op_bench import OpTiming, apply_in_situ, fit_op_costs
 
 KiB, MiB = 2**10, 2**20
 WORKER_TARGET = "trainplan.runtime.calibrate_bench:calibration_worker"
@@ -308,6 +308,8 @@ class Measurement:
     kernel_launch: float | None = None  # seconds of fixed cost per kernel, slowest rank
     algorithms: tuple[tuple[str, int, float], ...] = ()  # (our all-reduce algorithm, bytes, seconds)
     ops: dict[str, tuple[OpTiming, ...]] = field(default_factory=dict)  # per dtype, slowest rank per probe
+    in_situ: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, op_bench.in_situ_factors (rank 0)
+    compute_share: float = 1.0  # fraction of its speed a worker keeps while all compute (CPU processes sharing cores)
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -362,7 +364,16 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         memory_bandwidth=min(copy_bandwidth(*r["copy"]) for r in results) if "copy" in results[0] else None,
         kernel_launch=max(r["kernel"] for r in results) if "kernel" in results[0] else None,
         algorithms=tuple((str(a), int(n), float(t)) for a, n, t in results[0].get("algorithms", [])),
-        ops=slowest_op_timings([r.get("ops", {}) for r in results]))
+        ops=slowest_op_timings([results[0].get("ops", {})]),
+        in_situ={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("in_situ", {}).items()},
+        compute_share=compute_share(usable_cores(), nproc, threads) if backend == "gloo" else 1.0)
+
+
+def compute_share(cores: int, nproc: int, threads: int) -> float:
+    """The fraction of its own speed a CPU worker keeps while all ``nproc`` compute at once:
+    ``cores / (nproc · threads)`` when they outnumber the cores (the scheduler time-slices them),
+    else 1."""
+    return min(1.0, cores / max(1, nproc * threads))
 
 
 def slowest_op_timings(per_rank: Sequence[dict[str, list[list[Any]]]]) -> dict[str, tuple[OpTiming, ...]]:
@@ -423,6 +434,12 @@ def link_from_allreduce(allreduce: Sequence[tuple[int, float]], n: int) -> dict[
     return {"bandwidth": _sig(bandwidth * hops / n), "latency": _sig(latency)}
 
 
+def op_table(m: Measurement, dtype: str) -> dict[str, dict[str, float]]:
+    """The per-operator table of ``dtype``: the fits of the probes (:func:`fit_op_costs`), their fixed
+    costs scaled by the in-situ factors measured on a generic network (:func:`apply_in_situ`)."""
+    return apply_in_situ(fit_op_costs(list(m.ops[dtype])), m.in_situ.get(dtype, {}))
+
+
 def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster:
     """The cluster description of a measurement; ``base`` (a preset) fills what was not measured:
     power and price, and the links when a single process had no peer to measure them with."""
@@ -443,9 +460,10 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
     if m.kernel_launch is not None:
         measured["device"]["kernel_launch"] = _sig(m.kernel_launch)
     if m.ops:
+        measured["device"]["compute_share"] = _sig(m.compute_share, 3)
         measured["device"]["op_costs"] = {dtype: {op: {k: (_sig(v) if isinstance(v, float) else v) for k, v in c.items()}
-                                                  for op, c in fit_op_costs(list(t)).items()}
-                                          for dtype, t in m.ops.items()}
+                                                  for op, c in op_table(m, dtype).items()}
+                                          for dtype in m.ops}
     if m.p2p:
         link = link_from_allreduce(m.allreduce, m.nproc) if m.allreduce else link_from_p2p(m.p2p)
         measured.update(intra_node=link, inter_node=dict(link))
@@ -483,10 +501,14 @@ def summary_lines(m: Measurement) -> list[str]:
         lines.append("kernel_launch: a chain of tiny (1x8)@(8x8) linear layers, forward + backward, over 3 kernels "
                      f"per layer (the cost model's count), slowest rank: {m.kernel_launch * 1e6:.2f} us")
     for dtype, timings in m.ops.items():
-        fits = fit_op_costs(list(timings))
+        fits = op_table(m, dtype)
+        factors = ", ".join(f"{k} {a:.2f} / {b:.2f}" for k, (a, b) in m.in_situ.get(dtype, {}).items())
         lines.append(f"op_costs {dtype}: {len(fits)} operators, each alone with autograd at {len(timings) // max(1, len(fits))} "
-                     "sizes, all processes at once, slowest rank; time = fixed + per-unit x units (output elements, "
-                     "FLOPs for linear / conv / attention), least squares, forward | backward, e.g.:")
+                     "sizes, by rank 0 while the others wait (full speed; the planner divides by compute_share = "
+                     f"{m.compute_share:.3g} = cores / (processes x threads) capped at 1); time = fixed + per-unit x units (output elements, "
+                     "FLOPs for linear / conv / attention), least squares in relative error; then fixed / per-unit costs x "
+                     f"the in-situ factors measured on a generic 4-layer network at two sizes ({factors}); "
+                     "forward | backward, e.g.:")
         for op in ("linear", "gelu", "layer_norm", "add", "view"):
             if op in fits:
                 c = fits[op]

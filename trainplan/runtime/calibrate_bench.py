@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from trainplan.runtime.calibrate import TORCH_DTYPE, BenchPlan, CalibrationError, Gemm
 from trainplan.runtime.local_workers import WorkerContext
-from trainplan.runtime.op_bench import time_all
+from trainplan.runtime.op_bench import fit_op_costs, in_situ_factors, time_all
 
 
 def _sync(device: torch.device) -> None:
@@ -190,9 +190,20 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
     _barrier(ctx)
     result["kernel"] = time_kernel_overhead(ctx.device, plan)
     _barrier(ctx)
+    if plan.op_dtypes and ctx.rank == 0:
+        # One process times the operator table while the others wait at the barrier: each op at the
+        # device's full speed; the planner divides by ``device.compute_share`` when the processes
+        # outnumber the cores (time slices are longer than an op, so timing every rank at once
+        # would mix full-speed and preempted calls).
+        result["ops"], result["in_situ"] = {}, {}
+        for dt in plan.op_dtypes:
+            if not _dtype_works(dt, ctx.device):
+                continue
+            timings = time_all(ctx.device, TORCH_DTYPE[dt], plan.quick)
+            result["ops"][dt] = [[t.op, t.units, t.fwd_s, t.bwd_s] for t in timings]
+            result["in_situ"][dt] = {k: list(v) for k, v in in_situ_factors(fit_op_costs(timings), ctx.device,
+                                                                               TORCH_DTYPE[dt]).items()}
     if plan.op_dtypes:
-        result["ops"] = {dt: [[t.op, t.units, t.fwd_s, t.bwd_s] for t in time_all(ctx.device, TORCH_DTYPE[dt], plan.quick)]
-                         for dt in plan.op_dtypes if _dtype_works(dt, ctx.device)}
         _barrier(ctx)
     if ctx.world_size > 1:
         result["allreduce"] = [[n, time_allreduce(n, ctx, plan)] for n in plan.comm_sizes]

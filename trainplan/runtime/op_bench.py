@@ -41,6 +41,17 @@ def _leaf(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> t
     return (torch.rand(shape, device=device, dtype=dtype) + 0.5).requires_grad_(True)
 
 
+def _act(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An activation: a non-leaf tensor (a view of a leaf), as every op inside a model receives.
+
+    Feeding leaves instead would charge each op's backward an ``AccumulateGrad`` per input (a few us
+    on a CPU, most of an element-wise op's backward), which ops inside a model do not pay; here the
+    gradients of the timed calls sum into the view's buffer once, as a tensor read twice does.
+    """
+    leaf = _leaf(shape, device, dtype)
+    return leaf.view(shape)
+
+
 def _ids(high: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.randint(0, high, shape, device=device)
 
@@ -51,7 +62,7 @@ def _rows(n: int) -> int:
 
 def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Probe:
     def probe(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-        x = _leaf((_rows(n), HIDDEN), device, dtype)
+        x = _act((_rows(n), HIDDEN), device, dtype)
         return (lambda: fn(x)), [x]
 
     return probe
@@ -59,25 +70,25 @@ def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Probe:
 
 def _binary(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Probe:
     def probe(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-        x, y = _leaf((_rows(n), HIDDEN), device, dtype), _leaf((_rows(n), HIDDEN), device, dtype)
+        x, y = _act((_rows(n), HIDDEN), device, dtype), _act((_rows(n), HIDDEN), device, dtype)
         return (lambda: fn(x, y)), [x, y]
 
     return probe
 
 
 def _layer_norm(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    x, w, b = _leaf((_rows(n), HIDDEN), device, dtype), _leaf((HIDDEN,), device, dtype), _leaf((HIDDEN,), device, dtype)
+    x, w, b = _act((_rows(n), HIDDEN), device, dtype), _leaf((HIDDEN,), device, dtype), _leaf((HIDDEN,), device, dtype)
     return (lambda: F.layer_norm(x, (HIDDEN,), w, b)), [x, w, b]
 
 
 def _rms_norm(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    x, w = _leaf((_rows(n), HIDDEN), device, dtype), _leaf((HIDDEN,), device, dtype)
+    x, w = _act((_rows(n), HIDDEN), device, dtype), _leaf((HIDDEN,), device, dtype)
     return (lambda: F.rms_norm(x, (HIDDEN,), w, 1e-6)), [x, w]
 
 
 def _batch_norm(n: int, device: torch.device, dtype: torch.dtype) -> Case:
     channels, plane = 16, 64
-    x = _leaf((max(1, n // (channels * plane)), channels, 8, 8), device, dtype)
+    x = _act((max(1, n // (channels * plane)), channels, 8, 8), device, dtype)
     w, b = _leaf((channels,), device, dtype), _leaf((channels,), device, dtype)
     mean, var = torch.zeros(channels, device=device, dtype=dtype), torch.ones(channels, device=device, dtype=dtype)
     return (lambda: F.batch_norm(x, mean, var, w, b, training=True)), [x, w, b]
@@ -90,28 +101,28 @@ def _embedding(n: int, device: torch.device, dtype: torch.dtype) -> Case:
 
 
 def _cross_entropy(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    logits = _leaf((_rows(n), HIDDEN), device, dtype)
+    logits = _act((_rows(n), HIDDEN), device, dtype)
     target = _ids(HIDDEN, (_rows(n),), device)
     return (lambda: F.cross_entropy(logits, target)), [logits]
 
 
 def _cat(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    x, y = _leaf((_rows(n), HIDDEN // 2), device, dtype), _leaf((_rows(n), HIDDEN // 2), device, dtype)
+    x, y = _act((_rows(n), HIDDEN // 2), device, dtype), _act((_rows(n), HIDDEN // 2), device, dtype)
     return (lambda: torch.cat([x, y], dim=-1)), [x, y]
 
 
 def _add_(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    x, y = _leaf((_rows(n), HIDDEN), device, dtype), _leaf((_rows(n), HIDDEN), device, dtype)
+    x, y = _act((_rows(n), HIDDEN), device, dtype), _act((_rows(n), HIDDEN), device, dtype)
     return (lambda: (x * 1).add_(y)), [x, y]
 
 
 def _pool(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    x = _leaf((max(1, n // 16), 16, 4, 4), device, dtype)  # n output elements, 16 inputs each
+    x = _act((max(1, n // 16), 16, 4, 4), device, dtype)  # n output elements, 16 inputs each
     return (lambda: F.adaptive_avg_pool2d(x, 1)), [x]
 
 
 def _view(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    x = _leaf((_rows(n), HIDDEN), device, dtype)
+    x = _act((_rows(n), HIDDEN), device, dtype)
     return (lambda: x.transpose(0, 1)), [x]
 
 
@@ -138,21 +149,21 @@ def _module_call(n: int, device: torch.device, dtype: torch.dtype) -> Case:
 def _linear(n: int, device: torch.device, dtype: torch.dtype) -> Case:
     # (1, m, k) @ (k, k) + bias with m = n / k, a (batch, sequence, hidden) input as models feed it.
     k = HIDDEN
-    x, w, b = _leaf((1, max(1, n // k), k), device, dtype), _leaf((k, k), device, dtype), _leaf((k,), device, dtype)
+    x, w, b = _act((1, max(1, n // k), k), device, dtype), _leaf((k, k), device, dtype), _leaf((k,), device, dtype)
     return (lambda: F.linear(x, w, b)), [x, w, b]
 
 
 def _sdpa(n: int, device: torch.device, dtype: torch.dtype) -> Case:
     seq = max(8, min(256, int(math.sqrt(n))))
     heads, head_dim = 4, 32
-    q, k, v = (_leaf((1, heads, seq, head_dim), device, dtype) for _ in range(3))
+    q, k, v = (_act((1, heads, seq, head_dim), device, dtype) for _ in range(3))
     return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), [q, k, v]
 
 
 def _conv2d(n: int, device: torch.device, dtype: torch.dtype) -> Case:
     channels = 16
     side = max(4, int(math.sqrt(n / channels)))
-    x = _leaf((1, channels, side, side), device, dtype)
+    x = _act((1, channels, side, side), device, dtype)
     w, b = _leaf((channels, channels, 3, 3), device, dtype), _leaf((channels,), device, dtype)
     return (lambda: F.conv2d(x, w, b, padding=1)), [x, w, b]
 
@@ -171,6 +182,9 @@ ELEMENTWISE_PROBES: dict[str, Probe] = {
     "batch_norm": _batch_norm, "embedding": _embedding, "cross_entropy": _cross_entropy, "cat": _cat,
     "adaptive_avg_pool2d": _pool, "view": _view, "module_call": _module_call,
 }
+# Operators whose output is a reduction: timed per element of their (first) input, as the planner
+# counts them (the loss over the logits, :func:`trainplan.planner.cost.ops.loss_time_s`).
+PER_INPUT_ELEMENT = frozenset({"cross_entropy"})
 # Operators timed per FLOP (their work grows faster than their output).
 FLOP_PROBES: dict[str, Probe] = {"linear": _linear, "scaled_dot_product_attention": _sdpa, "conv2d": _conv2d}
 
@@ -203,6 +217,48 @@ def _sync(device: torch.device) -> None:
 CHAIN = 8  # calls per timed batch: the difference to one call removes the harness and autograd-engine start
 
 
+class _ProbeRun:
+    """One probe at one size, ready to time: its call, the gradient to feed back and its units."""
+
+    def __init__(self, op: str, probe: Probe, n: int, device: torch.device, dtype: torch.dtype, per_flop: bool) -> None:
+        self.op, self.device = op, device
+        self.fn, self.leaves = probe(n, device, dtype)
+        out = self.fn()
+        # FLOPs on meta tensors, as the graph front end counts them: on a CPU, attention runs a fused
+        # kernel the flop counter does not know, while its meta path is counted.
+        self.units = _flops(probe(n, torch.device("meta"), dtype)[0]) if per_flop else float(out.numel())
+        if op in PER_INPUT_ELEMENT:
+            self.units = float(self.leaves[0].numel())
+        self.grad = torch.ones_like(out)
+        self.best = [math.inf] * 4  # forward and backward of one call, then of CHAIN calls
+        self.timed(1), self.timed(CHAIN)  # warm-up
+
+    def timed(self, calls: int) -> tuple[float, float]:
+        for leaf in self.leaves:
+            if leaf.is_leaf:
+                leaf.grad = None
+        _sync(self.device)
+        t0 = time.perf_counter()
+        outs = [self.fn() for _ in range(calls)]
+        _sync(self.device)
+        t1 = time.perf_counter()
+        torch.autograd.backward(outs, [self.grad] * calls)
+        _sync(self.device)
+        return t1 - t0, time.perf_counter() - t1
+
+    def sample(self, repeats: int) -> None:
+        """One round: the median of ``repeats`` timings of one call and of ``CHAIN`` calls; keep the best round."""
+        for k, calls in ((0, 1), (2, CHAIN)):
+            runs = [self.timed(calls) for _ in range(repeats)]
+            self.best[k] = min(self.best[k], statistics.median(r[0] for r in runs))
+            self.best[k + 1] = min(self.best[k + 1], statistics.median(r[1] for r in runs))
+
+    def result(self) -> OpTiming:
+        fwd = max(0.0, (self.best[2] - self.best[0]) / (CHAIN - 1))
+        bwd = max(0.0, (self.best[3] - self.best[1]) / (CHAIN - 1))
+        return OpTiming(self.op, self.units, fwd, bwd)
+
+
 def time_probe(op: str, probe: Probe, n: int, device: torch.device, dtype: torch.dtype, *,
                per_flop: bool, rounds: int = 3, repeats: int = 5) -> OpTiming:
     """Forward and backward seconds of one call of ``probe`` at size ``n``.
@@ -212,39 +268,13 @@ def time_probe(op: str, probe: Probe, n: int, device: torch.device, dtype: torch
     cost, so the timer, the Python loop and the autograd engine's start of each backward (about
     15 us on a CPU, paid once per model backward, not per op) are not charged to the op. Each
     figure is the smallest of ``rounds`` medians of ``repeats`` (after warm-up), so that a burst of
-    another process's work on a shared machine does not become an op's cost.
+    another process's work on a shared machine does not become an op's cost (:func:`time_all`
+    interleaves the rounds over all probes, so that one slow second touches one round of each).
     """
-    fn, leaves = probe(n, device, dtype)
-    out = fn()
-    # FLOPs on meta tensors, as the graph front end counts them: on a CPU, attention runs a fused
-    # kernel the flop counter does not know, while its meta path is counted.
-    units = _flops(probe(n, torch.device("meta"), dtype)[0]) if per_flop else float(out.numel())
-    grad = torch.ones_like(out)
-
-    def timed(calls: int) -> tuple[float, float]:
-        for leaf in leaves:
-            leaf.grad = None
-        _sync(device)
-        t0 = time.perf_counter()
-        outs = [fn() for _ in range(calls)]
-        _sync(device)
-        t1 = time.perf_counter()
-        torch.autograd.backward(outs, [grad] * calls)
-        _sync(device)
-        return t1 - t0, time.perf_counter() - t1
-
-    def best(calls: int) -> tuple[float, float]:
-        timed(calls), timed(calls)
-        fwd, bwd = [], []
-        for _ in range(rounds):
-            runs = [timed(calls) for _ in range(repeats)]
-            fwd.append(statistics.median(r[0] for r in runs))
-            bwd.append(statistics.median(r[1] for r in runs))
-        return min(fwd), min(bwd)
-
-    one, chain = best(1), best(CHAIN)
-    per_call = [max(0.0, (c - o) / (CHAIN - 1)) for o, c in zip(one, chain)]
-    return OpTiming(op, units, per_call[0], per_call[1])
+    run = _ProbeRun(op, probe, n, device, dtype, per_flop)
+    for _ in range(rounds):
+        run.sample(repeats)
+    return run.result()
 
 
 # The optimizers the runtime builds (trainplan.runtime.data_parallel.optimizer_class), default settings.
@@ -282,37 +312,191 @@ def time_optimizer(name: str, n: int, device: torch.device, dtype: torch.dtype, 
 
 
 def time_all(device: torch.device, dtype: torch.dtype, quick: bool) -> list[OpTiming]:
-    """Every probe at every size; the order is fixed so that all ranks run the same ops together."""
+    """Every probe at every size, then every optimizer; the order is fixed so that all ranks run the
+    same ops together. Rounds are interleaved over the probes (see :func:`time_probe`)."""
     sizes = QUICK_SIZES if quick else SIZES
-    rounds, repeats = (2, 3) if quick else (3, 5)
-    out = []
-    for per_flop, probes in ((False, ELEMENTWISE_PROBES), (True, FLOP_PROBES)):
-        for op, probe in probes.items():
-            out += [time_probe(op, probe, n, device, dtype, per_flop=per_flop, rounds=rounds, repeats=repeats)
-                    for n in sizes]
+    rounds, repeats = (2, 3) if quick else (5, 5)
+    runs = [_ProbeRun(op, probe, n, device, dtype, per_flop)
+            for per_flop, probes in ((False, ELEMENTWISE_PROBES), (True, FLOP_PROBES))
+            for op, probe in probes.items() for n in sizes]
+    for _ in range(rounds):
+        for run in runs:
+            run.sample(repeats)
+    out = [run.result() for run in runs]
     for name in OPTIMIZERS:
         out += [time_optimizer(name, n, device, dtype, rounds=rounds, repeats=repeats) for n in sizes]
     return out
 
 
 def fit_linear(units: list[float], seconds: list[float]) -> tuple[float, float]:
-    """Least-squares ``seconds ≈ fixed + per_unit · units`` with ``fixed, per_unit >= 0``.
+    """``seconds ≈ fixed + per_unit · units`` with ``fixed, per_unit >= 0``, least squares in
+    *relative* error (each point weighted by ``1 / seconds²``).
 
-    Unconstrained first; if a coefficient comes out negative (noise on a nearly flat or nearly
-    proportional curve) it is pinned to 0 and the other refitted alone.
+    The sizes span two orders of magnitude and more; an absolute fit would let the largest size
+    decide both coefficients and leave the smallest, where the fixed cost is most of the time (and
+    where small models live), off by half. If a coefficient comes out negative (noise on a nearly
+    flat or nearly proportional curve) it is pinned to 0 and the other refitted alone.
     """
     if len(units) != len(seconds) or not units:
         raise ValueError("fit_linear needs as many times as sizes, at least one")
-    n = len(units)
-    mean_u, mean_s = sum(units) / n, sum(seconds) / n
-    var = sum((u - mean_u) ** 2 for u in units)
-    slope = sum((u - mean_u) * (s - mean_s) for u, s in zip(units, seconds)) / var if var > 0 else 0.0
-    fixed = mean_s - slope * mean_u
+    if max(seconds) <= 1e-15:  # nothing a clock resolves
+        return 0.0, 0.0
+    floor = max(seconds) * 1e-9  # a zero time (below the clock) weighs as a very small one
+    # Divide each equation fixed + per_unit·x = s by s: rows (1/s, x/s) against 1, columns scaled to 1.
+    a = [1.0 / max(t, floor) for t in seconds]
+    b = [x / max(t, floor) for x, t in zip(units, seconds)]
+    ka, kb = max(a), max(b) or 1.0
+    a, b = [v / ka for v in a], [v / kb for v in b]
+    saa, sab, sbb = sum(v * v for v in a), sum(p * q for p, q in zip(a, b)), sum(v * v for v in b)
+    sa, sb = sum(a), sum(b)
+    det = saa * sbb - sab * sab
+    if det <= 1e-12 * saa * sbb:  # one distinct size: all of it is fixed
+        return _only_fixed(a, ka), 0.0
+    fixed, slope = (sbb * sa - sab * sb) / det / ka, (saa * sb - sab * sa) / det / kb
     if slope < 0:
-        return max(0.0, mean_s), 0.0
+        return _only_fixed(a, ka), 0.0
     if fixed < 0:
-        return 0.0, sum(u * s for u, s in zip(units, seconds)) / sum(u * u for u in units)
+        return 0.0, sb / sbb / kb
     return fixed, slope
+
+
+def _only_fixed(a: list[float], scale: float) -> float:
+    """The relative least-squares constant: minimises Σ (f·a_i − 1)² over f."""
+    return sum(a) / sum(v * v for v in a) / scale
+
+
+class _SyntheticBlock(torch.nn.Module):
+    """A generic network layer for :func:`in_situ_factors`: a norm, two linear layers, GeLU, a
+    reshape through views, a SiLU gate, softmax, ReLU and a residual add, each op at its own call
+    site (no transformer, no model of the catalogue)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        y = F.gelu(self.up(self.norm(x)))
+        # views only (the transposes cancel, so the reshape needs no copy: the graph front end counts
+        # reshape as a view)
+        y = y.view(x.shape[0], -1, 2, w).transpose(1, 2).transpose(1, 2).reshape(x.shape[0], -1, 2 * w)
+        y = self.down(F.silu(y) * y)
+        return x + F.relu(torch.softmax(y, -1))
+
+
+def _synthetic_ops(tokens: int, width: int) -> list[tuple[str, float, bool]]:
+    """(table entry, units, has a backward) of one :class:`_SyntheticBlock` call, as the graph front end
+    and :mod:`trainplan.planner.op_uses` count them: output elements, FLOPs for the products, views
+    (view, two transposes, reshape: the planner's ``view`` entry) and module calls fixed only."""
+    s, flops = tokens * width, 2.0 * tokens * width * 2 * width
+    return [("module_call", 0, False), ("module_call", 0, False), ("layer_norm", s, True), ("module_call", 0, False),
+            ("linear", flops, True), ("gelu", 2 * s, True), ("view", 0, True), ("view", 0, True),
+            ("view", 0, True), ("view", 0, True),
+            ("silu", 2 * s, True), ("mul", 2 * s, True), ("module_call", 0, False), ("linear", flops, True),
+            ("softmax", s, True), ("relu", s, True), ("add", s, True)]
+
+
+InSitu = dict[str, tuple[float, float]]  # direction ('fwd', 'bwd', 'optimizer') -> (fixed factor, per-unit factor)
+
+# (tokens, width) of the generic network: one size where the fixed costs are most of the time, one
+# where the per-element and per-FLOP work is (and the activations outgrow the CPU's L2 cache).
+IN_SITU_SIZES = ((32, 64), (512, 256))
+
+
+def _predicted(fits: dict[str, dict[str, float]], ops: list[tuple[str, float, bool]], direction: str) -> tuple[float, float]:
+    rows = [(fits[op], units) for op, units, grad in ops if op in fits and (direction == "fwd" or grad)]
+    return (sum(c[f"{direction}_fixed_s"] for c, _ in rows), sum(c[f"{direction}_per_unit_s"] * u for c, u in rows))
+
+
+def _solve_factors(fixed: tuple[float, float], per_unit: tuple[float, float], measured: tuple[float, float],
+                   floor: float) -> tuple[float, float]:
+    """``(a, b)`` with ``a·fixed_i + b·per_unit_i = measured_i`` at the two sizes, each at least ``floor``
+    (one of them refitted alone when the other would fall below it)."""
+    det = fixed[0] * per_unit[1] - fixed[1] * per_unit[0]
+    a = (measured[0] * per_unit[1] - measured[1] * per_unit[0]) / det if det else 0.0
+    b = (fixed[0] * measured[1] - fixed[1] * measured[0]) / det if det else 0.0
+    if a < floor:
+        a = floor
+        b = max(floor, sum(m - a * f for m, f in zip(measured, fixed)) / sum(per_unit))
+    elif b < floor:
+        b = floor
+        a = max(floor, sum(m - b * u for m, u in zip(measured, per_unit)) / sum(fixed))
+    return a, b
+
+
+def in_situ_factors(fits: dict[str, dict[str, float]], device: torch.device, dtype: torch.dtype, *,
+                    blocks: int = 4, rounds: int = 3, repeats: int = 7) -> InSitu:
+    """Factors by which the table's fixed and per-unit costs grow inside a network, per direction.
+
+    The probes time each op in a tight loop of identical calls, where the interpreter, the
+    dispatcher and the CPU's caches and branch predictors stay warm for that op and its data. In a
+    model every op is a different call site between Python statements and reads activations the
+    previous op just wrote: on this project's machine a small op's forward costs 2-5x its
+    tight-loop time in a shuffled sequence of all probes, and 1.3-2x in the catalogue GPT (the
+    known gap between micro-benchmarks and in-situ cost of operator-level models; PALEO, Qi et al.
+    2017, Sec. 4, scales its per-layer predictions by a per-platform factor for the same reason).
+    Measured here on a generic network (:class:`_SyntheticBlock` × ``blocks``, no model of the
+    catalogue) at the two :data:`IN_SITU_SIZES`, forward, backward and an optimizer update (Adam)
+    of its parameters right after: per direction, the fixed factor ``a`` and per-unit factor ``b``
+    that make ``a·fixed + b·per_unit`` of the table's prediction equal the measured time at both
+    sizes (each at least 0.5).
+    """
+    measured: dict[str, list[float]] = {"fwd": [], "bwd": [], "optimizer": []}
+    parts: dict[str, list[tuple[float, float]]] = {"fwd": [], "bwd": [], "optimizer": []}
+    for tokens, width in IN_SITU_SIZES:
+        model = torch.nn.Sequential(*[_SyntheticBlock(width) for _ in range(blocks)]).to(device=device, dtype=dtype)
+        params = list(model.parameters())
+        opt = torch.optim.Adam(params, lr=1e-3)
+        x = _act((1, tokens, width), device, dtype)
+        ops = _synthetic_ops(tokens, width) * blocks
+        parts["fwd"].append(_predicted(fits, ops, "fwd"))
+        parts["bwd"].append(_predicted(fits, ops, "bwd"))
+        adam = fits.get("optimizer:adam", {"fwd_fixed_s": 0.0, "fwd_per_unit_s": 0.0})
+        parts["optimizer"].append((len(params) * adam["fwd_fixed_s"], sum(p.numel() for p in params) * adam["fwd_per_unit_s"]))
+
+        def once() -> tuple[float, float, float]:
+            _sync(device)
+            t0 = time.perf_counter()
+            y = model(x)
+            _sync(device)
+            t1 = time.perf_counter()
+            y.backward(torch.ones_like(y))
+            _sync(device)
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+        once(), once()
+        best = [math.inf] * 3
+        for _ in range(rounds):
+            runs = [once() for _ in range(repeats)]
+            best = [min(b, statistics.median(r[k] for r in runs)) for k, b in enumerate(best)]
+        for k, direction in enumerate(("fwd", "bwd", "optimizer")):
+            measured[direction].append(best[k])
+    out = {}
+    for direction in measured:
+        (f0, u0), (f1, u1) = parts[direction]
+        out[direction] = _solve_factors((f0, f1), (u0, u1), (measured[direction][0], measured[direction][1]), 0.5)
+    return out
+
+
+def apply_in_situ(fits: dict[str, dict[str, float]], factors: InSitu) -> dict[str, dict[str, float]]:
+    """``fits`` with each operator's fixed and per-unit costs scaled by the in-situ factors of their
+    direction (:func:`in_situ_factors`); optimizer entries by the optimizer's."""
+    out = {}
+    for op, c in fits.items():
+        if op.startswith("optimizer:"):
+            a, b = factors.get("optimizer", (1.0, 1.0))
+            out[op] = dict(c, fwd_fixed_s=c["fwd_fixed_s"] * a, fwd_per_unit_s=c["fwd_per_unit_s"] * b)
+            continue
+        (fa, fb), (ba, bb) = factors.get("fwd", (1.0, 1.0)), factors.get("bwd", (1.0, 1.0))
+        out[op] = dict(c, fwd_fixed_s=c["fwd_fixed_s"] * fa, fwd_per_unit_s=c["fwd_per_unit_s"] * fb,
+                       bwd_fixed_s=c["bwd_fixed_s"] * ba, bwd_per_unit_s=c["bwd_per_unit_s"] * bb)
+    return out
 
 
 def fit_op_costs(timings: list[OpTiming]) -> dict[str, dict[str, float]]:
