@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/trainplan run plans/laptop-gpt-tiny.yaml --nproc 4 --steps 5
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/trace_speed.py

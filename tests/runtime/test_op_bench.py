@@ -105,3 +105,14 @@ def test_in_situ_factors_are_measured_for_every_direction() -> None:
     factors = in_situ_factors(fits, torch.device("cpu"), torch.float32, blocks=1, rounds=1, repeats=1)
     assert set(factors) == {"fwd", "bwd", "optimizer"}
     assert all(0.5 <= v < 100 for pair in factors.values() for v in pair)
+
+
+def test_compute_share_is_the_lockstep_measurement_capped_by_the_cores() -> None:
+    from trainplan.runtime.calibrate import compute_share, measured_share
+
+    assert compute_share(2, 4, 1) == 0.5 and compute_share(8, 4, 2) == 1.0
+    assert measured_share(0.34, 2, 4, 1, "gloo") == 0.34  # oversubscribed: what lockstep training keeps
+    assert measured_share(0.9, 2, 4, 1, "gloo") == 0.5  # never above cores / workers
+    assert measured_share(None, 2, 4, 1, "gloo") == 0.5
+    assert measured_share(0.7, 4, 2, 1, "gloo") == 0.7  # each worker has its cores, but not the memory alone
+    assert measured_share(0.3, 2, 4, 1, "nccl") == 1.0

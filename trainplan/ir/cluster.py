@@ -71,9 +71,11 @@ class Device(Strict):
         1.0,
         gt=0,
         le=1,
-        description="Fraction of its own speed a device keeps while every device of the node computes at "
-        "once: CPU worker processes that outnumber the cores are time-sliced (`trainplan calibrate` writes "
-        "cores / (processes x threads)); the measured operator costs (op_costs) are divided by it.",
+        description="Fraction of its own speed a device keeps while every device of the node trains at "
+        "once: CPU worker processes that outnumber the cores are time-sliced, and in lockstep training "
+        "each step waits for the worst-served one (`trainplan calibrate` measures it with a synthetic "
+        "training step, at most cores / (processes x threads)); the measured operator costs "
+        "(op_costs) are divided by it.",
     )
     op_costs: dict[Dtype, dict[str, OpCost]] = Field(
         default_factory=dict,

@@ -366,7 +366,18 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         algorithms=tuple((str(a), int(n), float(t)) for a, n, t in results[0].get("algorithms", [])),
         ops=slowest_op_timings([results[0].get("ops", {})]),
         in_situ={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("in_situ", {}).items()},
-        compute_share=compute_share(usable_cores(), nproc, threads) if backend == "gloo" else 1.0)
+        compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend))
+
+
+def measured_share(lockstep: float | None, cores: int, nproc: int, threads: int, backend: str) -> float:
+    """``device.compute_share``: the lockstep measurement (:func:`calibrate_bench.lockstep_share`),
+    never above ``cores / (processes · threads)``; 1 on GPUs. Even where every worker has its cores,
+    the workers of one machine share its memory bandwidth and caches, and gloo's threads take CPU
+    time from them: the measurement keeps that too."""
+    if backend != "gloo":
+        return 1.0
+    bound = compute_share(cores, nproc, threads)
+    return bound if lockstep is None else min(bound, lockstep)
 
 
 def compute_share(cores: int, nproc: int, threads: int) -> float:
@@ -505,7 +516,8 @@ def summary_lines(m: Measurement) -> list[str]:
         factors = ", ".join(f"{k} {a:.2f} / {b:.2f}" for k, (a, b) in m.in_situ.get(dtype, {}).items())
         lines.append(f"op_costs {dtype}: {len(fits)} operators, each alone with autograd at {len(timings) // max(1, len(fits))} "
                      "sizes, by rank 0 while the others wait (full speed; the planner divides by compute_share = "
-                     f"{m.compute_share:.3g} = cores / (processes x threads) capped at 1); time = fixed + per-unit x units (output elements, "
+                     f"{m.compute_share:.3g}: the speed a worker keeps when all train in lockstep, measured, at most "
+                     "cores / (processes x threads)); time = fixed + per-unit x units (output elements, "
                      "FLOPs for linear / conv / attention), least squares in relative error; then fixed / per-unit costs x "
                      f"the in-situ factors measured on a generic 4-layer network at two sizes ({factors}); "
                      "forward | backward, e.g.:")

@@ -205,12 +205,65 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
                                                                                TORCH_DTYPE[dt]).items()}
     if plan.op_dtypes:
         _barrier(ctx)
+    if plan.op_dtypes and ctx.world_size > 1 and ctx.device.type == "cpu":
+        result["lockstep_share"] = lockstep_share(ctx)
     if ctx.world_size > 1:
         result["allreduce"] = [[n, time_allreduce(n, ctx, plan)] for n in plan.comm_sizes]
         result["p2p"] = [[n, time_pingpong(n, ctx, plan)] for n in plan.comm_sizes]
         if ctx.device.type == "cpu":  # our algorithms move CPU tensors over gloo point-to-point
             result["algorithms"] = time_algorithms(ctx, plan)
     return result
+
+
+LOCKSTEP_STEPS = 12  # synthetic training steps per phase of :func:`lockstep_share`
+
+
+def lockstep_share(ctx: WorkerContext) -> float | None:
+    """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep.
+
+    Rank 0 first runs a synthetic training step (forward and backward of a generic 4-layer network,
+    :class:`trainplan.runtime.op_bench._SyntheticBlock`, a few ms of work) alone while the others
+    wait; then every rank runs the same steps, each followed by a small all-reduce, as data-parallel
+    training does; then the all-reduces alone. ``share = t_solo / (t_lockstep − t_allreduce)`` on
+    rank 0 (``None`` elsewhere). Where the workers outnumber the cores this is well below
+    ``cores / workers``: a worker that reaches the collective first waits, descheduled, for the
+    slowest, and the step runs at the pace of the worst-served worker (4 workers on 2 cores:
+    about 0.25-0.35, not 0.5). The planner divides the measured operator costs by it
+    (``device.compute_share``).
+    """
+    from trainplan.runtime.op_bench import _SyntheticBlock
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_SyntheticBlock(128) for _ in range(4)])
+    x = torch.randn(1, 256, 128)
+    flag = torch.zeros(1)
+
+    def step() -> None:
+        y = model(x)
+        y.sum().backward()
+
+    for _ in range(2):
+        step()
+    solo = None
+    if ctx.rank == 0:
+        start = time.perf_counter()
+        for _ in range(LOCKSTEP_STEPS):
+            step()
+        solo = (time.perf_counter() - start) / LOCKSTEP_STEPS
+    _barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(LOCKSTEP_STEPS):
+        step()
+        dist.all_reduce(flag)
+    together = (time.perf_counter() - start) / LOCKSTEP_STEPS
+    _barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(LOCKSTEP_STEPS):
+        dist.all_reduce(flag)
+    collective = (time.perf_counter() - start) / LOCKSTEP_STEPS
+    if solo is None:
+        return None
+    return min(1.0, solo / max(together - collective, solo))
 
 
 def time_algorithms(ctx: WorkerContext, plan: BenchPlan) -> list[list[Any]]:
