@@ -43,7 +43,8 @@ from trainplan.ir.cluster import Cluster, deep_merge, preset_dict, preset_names
 from trainplan.ir.units import format_bytes
 from trainplan.runtime import local_workers
 from trainplan.runtime.local_workers import WorkerContext, WorkerError  # noqa: F401 - WorkerContext re-exported
-from trainplan.runtime.op_bench import OpTiming, apply_in_situ, fit_op_costs
+from trainplan.runtime.calibrate_ops import compute_share, measured_share, op_table, slowest_op_timings  # noqa: F401 - compute_share re-exported
+from trainplan.runtime.op_bench import OpTiming
 
 KiB, MiB = 2**10, 2**20
 WORKER_TARGET = "trainplan.runtime.calibrate_bench:calibration_worker"
@@ -369,35 +370,6 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend))
 
 
-def measured_share(lockstep: float | None, cores: int, nproc: int, threads: int, backend: str) -> float:
-    """``device.compute_share``: the lockstep measurement (:func:`calibrate_bench.lockstep_share`),
-    never above ``cores / (processes · threads)``; 1 on GPUs. Even where every worker has its cores,
-    the workers of one machine share its memory bandwidth and caches, and gloo's threads take CPU
-    time from them: the measurement keeps that too."""
-    if backend != "gloo":
-        return 1.0
-    bound = compute_share(cores, nproc, threads)
-    return bound if lockstep is None else min(bound, lockstep)
-
-
-def compute_share(cores: int, nproc: int, threads: int) -> float:
-    """The fraction of its own speed a CPU worker keeps while all ``nproc`` compute at once:
-    ``cores / (nproc · threads)`` when they outnumber the cores (the scheduler time-slices them),
-    else 1."""
-    return min(1.0, cores / max(1, nproc * threads))
-
-
-def slowest_op_timings(per_rank: Sequence[dict[str, list[list[Any]]]]) -> dict[str, tuple[OpTiming, ...]]:
-    """Per dtype, each probe's forward and backward at the slowest rank (ranks run the same probes in
-    the same order, as with the matrix products: the pace of a synchronous step is its slowest rank)."""
-    out = {}
-    for dtype in per_rank[0] if per_rank else {}:
-        rows = zip(*(r[dtype] for r in per_rank))
-        out[dtype] = tuple(OpTiming(str(same[0][0]), float(same[0][1]), max(float(x[2]) for x in same),
-                                    max(float(x[3]) for x in same)) for same in rows)
-    return out
-
-
 def copy_bandwidth(nbytes: float, seconds: float) -> float:
     """Memory bandwidth of copying ``nbytes`` in ``seconds``: the bytes read plus the bytes written
     over the time, as STREAM counts its Copy kernel (McCalpin 1995, "Memory Bandwidth and Machine
@@ -443,12 +415,6 @@ def link_from_allreduce(allreduce: Sequence[tuple[int, float]], n: int) -> dict[
     hops = 2 * (n - 1)
     latency = intercept / hops if intercept > 0 else min(times) / hops
     return {"bandwidth": _sig(bandwidth * hops / n), "latency": _sig(latency)}
-
-
-def op_table(m: Measurement, dtype: str) -> dict[str, dict[str, float]]:
-    """The per-operator table of ``dtype``: the fits of the probes (:func:`fit_op_costs`), their fixed
-    costs scaled by the in-situ factors measured on a generic network (:func:`apply_in_situ`)."""
-    return apply_in_situ(fit_op_costs(list(m.ops[dtype])), m.in_situ.get(dtype, {}))
 
 
 def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster:

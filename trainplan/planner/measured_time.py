@@ -1,0 +1,80 @@
+"""Time terms from the cluster's measured costs (``trainplan calibrate``): a unit's compute summed
+operator by operator, the optimizer update per parameter tensor, and the runtime's per-step
+bookkeeping collective. Used by :mod:`trainplan.planner.evaluate`; pure arithmetic, no torch.
+
+``ctx`` is an :class:`trainplan.planner.evaluate.Context` (cluster, dtype, optimizer), ``lay`` a
+:class:`trainplan.planner.space.Layout`, ``stage`` an :class:`trainplan.planner.evaluate.StageCost`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trainplan.planner import cost
+from trainplan.planner.cost.ops import base_name, loss_time_s, ops_time_s
+from trainplan.planner.model_costs import SELECTIVE_SAVED_OPS, ModelCosts, UnitCost
+from trainplan.planner.space import Layout
+
+if TYPE_CHECKING:
+    from trainplan.planner.evaluate import Context, StageCost
+
+
+def measured_compute(ctx: Context, u: UnitCost, lay: Layout, loss_bytes: float = 0.0) -> tuple[float, float] | None:
+    """(forward, backward) compute seconds of ``u`` per micro-batch from the cluster's measured
+    operator costs (:mod:`cost.ops`), or ``None`` when the device has none for the plan's dtype or
+    the unit was not traced (then the roofline and kernel counts apply).
+
+    Recomputation adds, to the backward, the forward of what the policy recomputes: every operator
+    under ``full``; under ``selective`` those whose outputs the runtime's policy does not keep
+    (:data:`model_costs.SELECTIVE_SAVED_OPS`). The last unit also runs the loss
+    (:func:`cost.ops.loss_time_s`, ``loss_bytes / 4`` logits per sample, see
+    :func:`model_costs.loss_saved_bytes`).
+    """
+    table = ctx.cluster.device.op_costs.get(ctx.dtype)  # type: ignore[call-overload]
+    if not table or not u.ops:
+        return None
+    tp = lay.tp if _tp_divides(u) else 1
+    fwd, bwd = ops_time_s(u.ops, table, lay.micro_batch, tp)
+    if u.kind == "block" and lay.recompute == "full":
+        bwd += fwd
+    elif u.kind == "block" and lay.recompute == "selective":
+        redo = frozenset(base_name(use.op) for use in u.ops) - SELECTIVE_SAVED_OPS
+        bwd += ops_time_s(u.ops, table, lay.micro_batch, tp, only=redo)[0]
+    lf, lb = loss_time_s(table, loss_bytes / 4, lay.micro_batch, tp)
+    share = ctx.cluster.device.compute_share  # the table is one device at full speed; all of them run at once
+    return (fwd + lf) / share, (bwd + lb) / share
+
+
+def _tp_divides(u: UnitCost) -> bool:
+    """Whether tensor parallelism divides any of ``u``'s operator work (some op has sharded units)."""
+    return any(use.units_sharded for use in u.ops)
+
+
+def optimizer_time(ctx: Context, model: ModelCosts, lay: Layout, stage: StageCost, shard: int) -> float:
+    """Seconds of one optimizer update on a rank of ``stage``.
+
+    With a measured ``optimizer:NAME`` entry (``trainplan calibrate``, per parameter tensor and
+    element): tensors × fixed + elements × per element, the elements divided by the ZeRO shard;
+    ZeRO-1 gives each rank whole tensors (``ZeroRedundancyOptimizer``), so it also divides the
+    tensors, FSDP2 (ZeRO-2/3) shards every tensor, so each rank still updates all of them. Without
+    it, a memory-bound pass (:func:`cost.optimizer_step_time_s`).
+    """
+    table = ctx.cluster.device.op_costs.get(ctx.dtype, {})  # type: ignore[call-overload]
+    measured = table.get(f"optimizer:{ctx.optimizer}")
+    tensors = sum(model.units[i].param_tensors for a, b in stage.ranges for i in range(a, b + 1))
+    if measured is None or not tensors:
+        return cost.optimizer_step_time_s(stage.params / shard, ctx.precision, ctx.optimizer, ctx.cluster.device)
+    per_rank = tensors / shard if lay.zero == 1 else tensors
+    update = per_rank * measured.fwd_fixed_s + stage.params / shard * measured.fwd_per_unit_s
+    return update / ctx.cluster.device.compute_share
+
+
+def step_bookkeeping_s(ctx: Context, lay: Layout) -> float:
+    """The runtime's one collective per step outside the training math: an all-gather of every rank's
+    (loss share, peak memory) pair, 16 bytes each (``trainplan.runtime.train.mean_loss_and_peak_memory``),
+    so that every rank reports the global loss. Latency-bound: ``(n−1)·α`` (:func:`cost.all_gather_time_s`)."""
+    world = lay.dp * lay.tp * lay.pp
+    if world <= 1:
+        return 0.0
+    link = cost.group_link(ctx.cluster, world, 1)
+    return cost.all_gather_time_s(16.0 * world, world, link)
