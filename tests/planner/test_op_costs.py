@@ -131,3 +131,35 @@ def test_full_recompute_repeats_the_forward_and_tp_divides_the_sharded_work() ->
         want = sum(ops_time_s(u.ops, ops, 1, t)[0] for u in mc.units) + loss_time_s(ops, mc.loss_bytes / 4, 1, t)[0]
         assert got == pytest.approx(want, rel=1e-3)
     assert 0.5 * w1 < w2 < 0.8 * w1
+
+
+def test_sharing_cores_slows_the_measured_compute_and_the_update() -> None:
+    fixed = {"dp": 1, "tp": 1, "pp": 1, "micro_batch": 2, "zero": 0, "recompute": "none"}
+    full = calibrated(dict(table(), **{"optimizer:adam": {"per": "element", "fwd_fixed_s": 2e-5, "fwd_per_unit_s": 1e-9}}))
+    half = dict(full, device=dict(full["device"], compute_share=0.5))
+    plans = [api.plan(spec(cluster=c, parallel=fixed, batch=2))[0] for c in (full, half)]
+    (f1, b1), (f2, b2) = [(p.stages[0].fwd_time_s, p.stages[0].bwd_time_s) for p in plans]
+    assert (f2, b2) == pytest.approx((2 * f1, 2 * b1))
+
+
+def test_the_update_costs_each_parameter_tensor_and_element() -> None:
+    from trainplan.planner import context_for
+    from trainplan.planner.evaluate import StageCost
+    from trainplan.planner.measured_time import optimizer_time
+    from trainplan.planner.space import Layout
+
+    adam = {"per": "element", "fwd_fixed_s": 2e-5, "fwd_per_unit_s": 1e-9}
+    s = spec(cluster=dict(calibrated(dict(table(), **{"optimizer:adam": adam})), devices_per_node=4))
+    mc = model_costs_from_graph(api.trace(s))
+    ctx = context_for(api.resolve(s))
+    last = len(mc.units) - 1
+    tensors = sum(u.param_tensors for u in mc.units)
+    stage = StageCost(((0, last),), 0, 0.0, 0.0, mc.params, None)  # type: ignore[arg-type]
+    base = dict(tp=1, pp=1, micro_batch=1, num_microbatches=1, schedule="1f1b", virtual_stages=1,
+                recompute="none", sequence_parallel=False)
+    for dp, zero, per_rank_tensors, elements in ((1, 0, tensors, mc.params), (4, 1, tensors / 4, mc.params / 4),
+                                                 (4, 3, tensors, mc.params / 4)):
+        lay = Layout(dp=dp, zero=zero, **base)
+        got = optimizer_time(ctx, mc, lay, stage, dp if zero else 1)
+        assert got == pytest.approx(per_rank_tensors * 2e-5 + elements * 1e-9)
+    assert tensors == 2 + 2 * 16 + 2  # wte, wpe; 16 per block (q, k, v, proj, fc, proj: w + b; 2 norms: w + b); ln_f (lm_head tied)
