@@ -163,3 +163,16 @@ def test_the_update_costs_each_parameter_tensor_and_element() -> None:
         got = optimizer_time(ctx, mc, lay, stage, dp if zero else 1)
         assert got == pytest.approx(per_rank_tensors * 2e-5 + elements * 1e-9)
     assert tensors == 2 + 2 * 16 + 2  # wte, wpe; 16 per block (q, k, v, proj, fc, proj: w + b; 2 norms: w + b); ln_f (lm_head tied)
+
+
+def test_fsdp_units_pay_their_calibrated_overhead_per_micro_batch() -> None:
+    fixed = {"dp": 4, "tp": 1, "pp": 1, "micro_batch": 1, "zero": 3, "recompute": "none"}
+    base = calibrated(devices=4)
+    with_overhead = dict(base, device=dict(base["device"], fsdp_unit_overhead=1e-3, compute_share=0.5))
+    without = dict(base, device=dict(base["device"], compute_share=0.5))
+    (p0, _), (p1, _) = (api.plan(spec(cluster=c, parallel=fixed, batch=8)) for c in (without, with_overhead))
+    units = SMALL["layers"] + 1  # every block and the root, as the runtime shards them
+    assert p1.estimate.comm_time_s.dp - p0.estimate.comm_time_s.dp == pytest.approx(units * p0.num_microbatches * 1e-3 / 0.5)
+    ddp = dict(fixed, zero=0)
+    q0, q1 = (api.plan(spec(cluster=c, parallel=ddp, batch=8))[0] for c in (without, with_overhead))
+    assert q0.estimate.step_time_s == pytest.approx(q1.estimate.step_time_s)  # DDP has no FSDP units

@@ -311,6 +311,8 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     assert 1e-9 < c.intra_node.latency < 1.0
     assert 1e8 < c.device.memory_bandwidth < 1e13 and 1e-8 < c.device.kernel_launch < 1e-2
     assert 0 < c.device.compute_share <= 1
+    assert 0 <= c.device.fsdp_unit_overhead < 1.0  # FSDP2's own time per unit and micro-batch, measured
+    assert "fsdp_unit_overhead" in out.read_text()
     ops = c.device.op_costs["fp32"]  # the per-operator table the cost model sums over a traced graph
     assert {"linear", "gelu", "layer_norm", "add", "view", "scaled_dot_product_attention"} <= set(ops)
     assert ops["linear"].per == "flop" and ops["gelu"].per == "element"

@@ -77,6 +77,12 @@ class Device(Strict):
         "training step, at most cores / (processes x threads)); the measured operator costs "
         "(op_costs) are divided by it.",
     )
+    fsdp_unit_overhead: Seconds = Field(
+        0.0,
+        description="Framework time per FSDP2 unit and micro-batch (forward + backward) beyond its collectives "
+        "and compute: hooks, copy-in / copy-out around each all-gather and reduce-scatter, run on the same "
+        "cores on a CPU. Measured by `trainplan calibrate` on gloo; 0 (the presets) leaves it out.",
+    )
     op_costs: dict[Dtype, dict[str, OpCost]] = Field(
         default_factory=dict,
         description="Measured per-operator costs by compute dtype, from `trainplan calibrate` (op name as "

@@ -311,6 +311,7 @@ class Measurement:
     ops: dict[str, tuple[OpTiming, ...]] = field(default_factory=dict)  # per dtype, slowest rank per probe
     in_situ: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, op_bench.in_situ_factors (rank 0)
     compute_share: float = 1.0  # fraction of its speed a worker keeps while all compute (CPU processes sharing cores)
+    fsdp_unit_overhead: float | None = None  # FSDP2's own seconds per unit and micro-batch (slowest rank; None: not measured)
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -367,7 +368,8 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         algorithms=tuple((str(a), int(n), float(t)) for a, n, t in results[0].get("algorithms", [])),
         ops=slowest_op_timings([results[0].get("ops", {})]),
         in_situ={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("in_situ", {}).items()},
-        compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend))
+        compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend),
+        fsdp_unit_overhead=max(r["fsdp_unit_overhead"] for r in results) if "fsdp_unit_overhead" in results[0] else None)
 
 
 def copy_bandwidth(nbytes: float, seconds: float) -> float:
@@ -436,6 +438,9 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
         measured["device"]["memory_bandwidth"] = _sig(m.memory_bandwidth)
     if m.kernel_launch is not None:
         measured["device"]["kernel_launch"] = _sig(m.kernel_launch)
+    if m.fsdp_unit_overhead is not None:
+        # measured with every worker at once, so already at the shared speed: undo the planner's division
+        measured["device"]["fsdp_unit_overhead"] = _sig(m.fsdp_unit_overhead * m.compute_share)
     if m.ops:
         measured["device"]["compute_share"] = _sig(m.compute_share, 3)
         measured["device"]["op_costs"] = {dtype: {op: {k: (_sig(v) if isinstance(v, float) else v) for k, v in c.items()}

@@ -207,12 +207,68 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
         _barrier(ctx)
     if plan.op_dtypes and ctx.world_size > 1 and ctx.device.type == "cpu":
         result["lockstep_share"] = lockstep_share(ctx)
+        result["fsdp_unit_overhead"] = fsdp_unit_overhead(ctx)
     if ctx.world_size > 1:
         result["allreduce"] = [[n, time_allreduce(n, ctx, plan)] for n in plan.comm_sizes]
         result["p2p"] = [[n, time_pingpong(n, ctx, plan)] for n in plan.comm_sizes]
         if ctx.device.type == "cpu":  # our algorithms move CPU tensors over gloo point-to-point
             result["algorithms"] = time_algorithms(ctx, plan)
     return result
+
+
+FSDP_UNITS = 4  # blocks of the synthetic network sharded as FSDP2 units in :func:`fsdp_unit_overhead`
+
+
+def fsdp_unit_overhead(ctx: WorkerContext, steps: int = 10) -> float:
+    """Seconds of FSDP2's own work per unit and micro-batch (forward + backward), beyond compute and
+    collectives, on this rank (every rank must call it: it shards over the whole group).
+
+    The same synthetic network (:class:`trainplan.runtime.op_bench._SyntheticBlock` × ``FSDP_UNITS``,
+    small, so the fixed costs show) is timed plain and with every block ``fully_shard``-ed as the
+    runtime does for ZeRO-3; its collectives (one all-gather forward, one backward, one
+    reduce-scatter per unit) are timed alone at the same sizes and subtracted:
+    ``(t_fsdp − t_plain − units·(2·t_gather + t_scatter)) / units``. What is left — pre/post hooks,
+    copy-in / copy-out of the flat buffers, resharding — runs in Python on the cores the model
+    uses (on a CPU, where FSDP2 was measured at ~5 ms per unit and micro-batch with 4 workers on 2
+    cores, against ~2 ms of collectives).
+    """
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    from trainplan.runtime.op_bench import _SyntheticBlock
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[_SyntheticBlock(64) for _ in range(FSDP_UNITS)])
+    sharded = copy.deepcopy(plain)
+    for block in sharded:
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(sharded)
+    x = torch.randn(1, 32, 64)
+
+    def timed(model: torch.nn.Module) -> float:
+        model(x).sum().backward()  # warm-up (FSDP2's lazy init)
+        _barrier(ctx)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(x).sum().backward()
+        return (time.perf_counter() - start) / steps
+
+    t_plain, t_fsdp = timed(plain), timed(sharded)
+    numel = sum(p.numel() for p in plain[0].parameters())
+    shard = math.ceil(numel / ctx.world_size)
+    local, full = torch.zeros(shard), torch.zeros(shard * ctx.world_size)
+    _barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(steps):
+        dist.all_gather_into_tensor(full, local)
+    gather = (time.perf_counter() - start) / steps
+    _barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(steps):
+        dist.reduce_scatter_tensor(local, full)
+    scatter = (time.perf_counter() - start) / steps
+    return max(0.0, (t_fsdp - t_plain - FSDP_UNITS * (2 * gather + scatter)) / FSDP_UNITS)
 
 
 LOCKSTEP_STEPS = 12  # synthetic training steps per phase of :func:`lockstep_share`
