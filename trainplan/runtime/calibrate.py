@@ -14,7 +14,9 @@ The code is split across three modules:
   ``FileStore`` in a private folder, with sockets pinned to loopback, a group timeout and a
   parent deadline.
 * :mod:`trainplan.runtime.calibrate_bench` holds the timing code that runs inside each worker.
-* This module decides what to measure, analyses the timings, and builds and writes the cluster.
+* This module decides what to measure, analyses the timings, and builds and writes the cluster
+  (the link and bandwidth fits are in :mod:`trainplan.runtime.calibrate_links`, the operator
+  table and compute share in :mod:`trainplan.runtime.calibrate_ops`).
   Any worker failure kills the others and raises :class:`CalibrationError` carrying the failed
   worker's traceback.
 """
@@ -38,11 +40,19 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from trainplan.errors import TrainplanError
 from trainplan.ir.cluster import Cluster, deep_merge, preset_dict, preset_names
 from trainplan.ir.units import format_bytes
 from trainplan.runtime import local_workers
 from trainplan.runtime.local_workers import WorkerContext, WorkerError  # noqa: F401 - WorkerContext re-exported
+from trainplan.runtime.calibrate_links import (  # noqa: F401 - re-exported: callers and tests import them from here
+    CalibrationError,
+    bus_bandwidth,
+    copy_bandwidth,
+    fit_alpha_beta,
+    link_from_allreduce,
+    link_from_p2p,
+)
+from trainplan.runtime.calibrate_links import round_significant as _sig
 from trainplan.runtime.calibrate_ops import compute_share, measured_share, op_table, slowest_op_timings  # noqa: F401 - compute_share re-exported
 from trainplan.runtime.op_bench import OpTiming
 
@@ -51,10 +61,6 @@ WORKER_TARGET = "trainplan.runtime.calibrate_bench:calibration_worker"
 CPU_DTYPES = ("fp32", "bf16", "fp16")
 CUDA_DTYPES = ("fp32", "tf32", "bf16", "fp16")
 TORCH_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class CalibrationError(TrainplanError):
-    """Calibration could not measure this machine; the message names the step, the cause and the fix."""
 
 
 # ---------------------------------------------------------------- what to measure
@@ -190,38 +196,6 @@ def cpu_model_name() -> str:
 
 
 # ---------------------------------------------------------------- pure analysis
-
-
-def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
-    """Least-squares fit of the Hockney model ``t = alpha + bytes / beta``.
-
-    Returns ``(alpha seconds, beta bytes/s)``. Residuals are weighted by ``1 / t**2`` (relative
-    error), so the 4 KiB points that carry the latency count as much as the 64 MiB ones that carry
-    the bandwidth; an unweighted fit lets the big messages swamp alpha. Raises ``ValueError`` when
-    fewer than two distinct sizes are given or the time does not grow with the size.
-    """
-    if len(nbytes) != len(seconds) or len(set(nbytes)) < 2:
-        raise ValueError("fit_alpha_beta needs at least two distinct message sizes, one time each")
-    if min(seconds) <= 0:
-        raise ValueError(f"message times must be positive, got {min(seconds)}")
-    w = [1.0 / t**2 for t in seconds]
-    wsum = sum(w)
-    xbar = sum(wi * x for wi, x in zip(w, nbytes)) / wsum
-    ybar = sum(wi * t for wi, t in zip(w, seconds)) / wsum
-    sxy = sum(wi * (x - xbar) * (t - ybar) for wi, x, t in zip(w, nbytes, seconds))
-    sxx = sum(wi * (x - xbar) ** 2 for wi, x in zip(w, nbytes))
-    slope = sxy / sxx  # seconds per byte
-    if slope <= 0:
-        raise ValueError("message time does not grow with message size; the measurements are too noisy to fit")
-    return ybar - slope * xbar, 1.0 / slope
-
-
-def bus_bandwidth(nbytes: float, seconds: float, world_size: int) -> float:
-    """All-reduce bus bandwidth in bytes/s, as nccl-tests defines it (doc/PERFORMANCE.md):
-    ``busbw = algbw * 2(n-1)/n`` with ``algbw = bytes / time``; comparable to a link's bandwidth."""
-    if world_size < 2:
-        raise ValueError(f"bus bandwidth needs at least 2 ranks, got {world_size}")
-    return nbytes / seconds * 2 * (world_size - 1) / world_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,53 +344,6 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         in_situ={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("in_situ", {}).items()},
         compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend),
         fsdp_unit_overhead=max(r["fsdp_unit_overhead"] for r in results) if "fsdp_unit_overhead" in results[0] else None)
-
-
-def copy_bandwidth(nbytes: float, seconds: float) -> float:
-    """Memory bandwidth of copying ``nbytes`` in ``seconds``: the bytes read plus the bytes written
-    over the time, as STREAM counts its Copy kernel (McCalpin 1995, "Memory Bandwidth and Machine
-    Balance", counting 2 words of traffic per element copied). Bytes/s."""
-    if nbytes <= 0 or seconds <= 0:
-        raise ValueError(f"a copy needs positive bytes and time, got {nbytes} B in {seconds} s")
-    return 2 * nbytes / seconds
-
-
-def _sig(x: float, digits: int = 4) -> float:
-    return float(f"{x:.{digits}g}")
-
-
-def link_from_p2p(p2p: Sequence[tuple[int, float]]) -> dict[str, float]:
-    """The alpha-beta link of the ping-pong timings. A non-positive fitted alpha means the latency is
-    below what the timings resolve; the fastest message's time is then used, an upper bound on it."""
-    sizes, times = [n for n, _ in p2p], [s for _, s in p2p]
-    try:
-        alpha, beta = fit_alpha_beta(sizes, times)
-    except ValueError as exc:
-        raise CalibrationError(f"cannot fit the p2p link: {exc}; run again on a less loaded machine") from None
-    return {"bandwidth": _sig(beta), "latency": _sig(alpha if alpha > 0 else min(times))}
-
-
-def link_from_allreduce(allreduce: Sequence[tuple[int, float]], n: int) -> dict[str, float]:
-    """The alpha-beta link that makes the cost model's ring all-reduce reproduce the measured one.
-
-    The planner charges an all-reduce of ``S`` bytes among ``n`` ranks ``2(n−1)·α + 2(n−1)/n · S/β``
-    (Patarasuk & Yuan 2009; :func:`trainplan.planner.cost.comm.ring_allreduce_time_s`). A
-    least-squares line ``t = a + S/b`` through the measured all-reduce times therefore gives
-    ``α = a / (2(n−1))`` and ``β = b · 2(n−1)/n``. Unlike a ping-pong between two ranks while the
-    others wait, this is measured with every process in the collective, as in training: where the
-    processes outnumber the cores (4 processes on 2 cores here) a collective's latency is the
-    scheduler's, many times the idle ping-pong's, and ZeRO-3 or tensor parallelism pay it per layer.
-    """
-    if n < 2:
-        raise ValueError(f"an all-reduce link needs at least 2 ranks, got {n}")
-    sizes, times = [b for b, _ in allreduce], [t for _, t in allreduce]
-    try:
-        intercept, bandwidth = fit_alpha_beta(sizes, times)
-    except ValueError as exc:
-        raise CalibrationError(f"cannot fit the all-reduce timings: {exc}; run again on a less loaded machine") from None
-    hops = 2 * (n - 1)
-    latency = intercept / hops if intercept > 0 else min(times) / hops
-    return {"bandwidth": _sig(bandwidth * hops / n), "latency": _sig(latency)}
 
 
 def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster:
