@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -21,7 +22,7 @@ from trainplan.runtime.materialize import build_meta_model
 from trainplan.runtime.precision import LossScaler
 from trainplan.runtime.recompute import apply_recompute
 from trainplan.runtime.structure import block_paths
-from trainplan.runtime.tensor_parallel import parallel_plan, resolve_styles
+from trainplan.runtime.tensor_parallel import SharedInput, parallel_plan, resolve_styles
 
 
 class OpCounter(TorchDispatchMode):
@@ -67,12 +68,16 @@ def test_tensor_parallel_plan_from_styles() -> None:
     assert isinstance(plan["wte"], RowwiseParallel)  # the vocab-parallel embedding
     assert plan["lm_head"].use_local_output is False  # vocab-sharded logits for loss_parallel
     assert "layers.0.ln_1" not in plan  # replicated norms need no style without sequence parallelism
+    # q, k, v share one replicated input (one all-reduce of its gradient); the MLP's single column layer needs none
+    assert isinstance(plan["layers.2.attn"], SharedInput) and plan["layers.2.attn"].layout == Replicate()
+    assert "layers.2.mlp" not in plan
 
 
 def test_sequence_parallel_plan_splits_at_the_first_block_and_gathers_before_sublayers() -> None:
     plan = _tp_plan(True)
     assert isinstance(plan["layers.0"], PrepareModuleInput)
-    assert isinstance(plan["layers.1.attn"], PrepareModuleInput) and isinstance(plan["layers.1.mlp"], PrepareModuleInput)
+    assert isinstance(plan["layers.1.attn"], SharedInput) and isinstance(plan["layers.1.mlp"], SharedInput)
+    assert plan["layers.1.mlp"].layout == Shard(1)  # gathered from the sequence split (reduce-scattered backward)
     assert isinstance(plan["layers.3.ln_2"], SequenceParallel) and isinstance(plan["ln_f"], SequenceParallel)
 
 

@@ -31,6 +31,14 @@ their slice (``SequenceParallel``), the parent of column-parallel layers (the at
 all-gathers its input and row-parallel layers reduce-scatter their output; the output head
 gathers the sequence back.
 Every parameterised module in that region must therefore be tensor-parallel or a norm.
+
+Megatron's ``f`` operator (identity forward, all-reduce of the input gradient backward) sits once
+in front of an attention's q/k/v or a gated MLP's gate/up projections, not once per projection.
+DTensor's ``ColwiseParallel`` on a plain tensor input makes its own replicated DTensor, whose
+backward all-reduces that projection's input gradient alone: three all-reduces for q, k, v. So the
+parent of two or more column-parallel layers (and, under sequence parallelism, of any) hands them
+one DTensor (:class:`SharedInput`); their input gradients add up as partial sums and are reduced
+once — an all-reduce, or under sequence parallelism one reduce-scatter.
 """
 
 from __future__ import annotations
@@ -175,7 +183,54 @@ def parallel_plan(
             plan[path] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if sequence_parallel:
         plan.update(_sequence_parallel_plan(model, styles, task, blocks))
+    else:
+        for parent in _column_parents(model, styles, task, minimum=2):
+            plan.setdefault(parent, SharedInput(Replicate()))
     return plan
+
+
+def _column_parents(model: nn.Module, styles: dict[str, TPStyle], task: TaskSpec, minimum: int = 1) -> list[str]:
+    """Parents (``''`` for the root) of at least ``minimum`` column-parallel layers other than the head."""
+    count: dict[str, int] = {}
+    for path, style in styles.items():
+        if style in COLUMN_STYLES and not is_head(model.get_submodule(path), task):
+            parent = path.rpartition(".")[0]
+            count[parent] = count.get(parent, 0) + 1
+    return [parent for parent, n in count.items() if n >= minimum]
+
+
+class SharedInput(ParallelStyle):
+    """A module's input as one DTensor (``layout`` on entry, replicated inside) for the column-parallel
+    layers it calls, so that their input gradients add up as partial sums and are reduced once on
+    the way out (Megatron-LM's ``f``, Shoeybi et al. 2019, Sec. 3, Fig. 3): one all-reduce — or,
+    from a sequence-split input (Korthikanti et al. 2022, Sec. 4.2.2), one all-gather forward and
+    one reduce-scatter backward — in place of one all-reduce per projection.
+
+    The input is the first positional argument, else the ``hidden_states`` keyword (transformers'
+    attention); a call with neither is left as it is (each projection then reduces its own).
+    """
+
+    def __init__(self, layout: Placement) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module.register_forward_pre_hook(partial(self._prepare, device_mesh), with_kwargs=True)
+        return module
+
+    def _shared(self, mesh: DeviceMesh, x: object) -> object:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, (self.layout,), run_check=False)
+        return x if x.placements == (Replicate(),) else x.redistribute(mesh, (Replicate(),))
+
+    def _prepare(self, mesh: DeviceMesh, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            return (self._shared(mesh, args[0]), *args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": self._shared(mesh, kwargs["hidden_states"])}
+        return None
 
 
 def _sequence_parallel_plan(
@@ -188,21 +243,18 @@ def _sequence_parallel_plan(
     sequence on entry, because such modules read the sequence length from their input's shape.
     """
     entry, norms = sequence_region(model, styles, blocks)
-    gather = PrepareModuleInput(input_layouts=(SEQ,), desired_input_layouts=(Replicate(),), use_local_output=True)
     plan: dict[str, ParallelStyle] = {
         entry: PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(SEQ,), use_local_output=True)
     }
     plan.update({norm: SequenceParallel(use_local_output=True) for norm in norms})
-    for path, style in styles.items():
-        if style not in COLUMN_STYLES or is_head(model.get_submodule(path), task):
-            continue
-        parent = path.rpartition(".")[0]
+    for parent in _column_parents(model, styles, task):
         if not parent or parent in blocks:
+            child = next(p for p, s in styles.items() if s in COLUMN_STYLES and p.rpartition(".")[0] == parent)
             raise PlanExecutionError(
-                f"sequence_parallel: column-parallel {path!r} must sit in a sub-module of its block (an attention "
+                f"sequence_parallel: column-parallel {child!r} must sit in a sub-module of its block (an attention "
                 "or MLP module) that can gather the sequence; this layout cannot use sequence parallelism"
             )
-        plan[parent] = gather
+        plan[parent] = SharedInput(SEQ)
     return plan
 
 

@@ -1,0 +1,87 @@
+"""Tensor parallelism sends what Megatron-LM sends: one reduction of the attention's and the MLP's
+input gradient per layer, not one per projection (``runtime.tensor_parallel.SharedInput``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import parallelize_module
+from torch.profiler import profile
+
+from tests.runtime.plans import gpt_spec
+from trainplan.ir.loading import validate
+from trainplan.ir.spec import Spec
+from trainplan.models import init_parameters
+from trainplan.planner.build_plan import model_tp_styles
+from trainplan.runtime.local_workers import WorkerContext, run_local_workers
+from trainplan.runtime.materialize import build_meta_model
+from trainplan.runtime.structure import block_paths
+from trainplan.runtime.tensor_parallel import loss_context, parallel_plan, resolve_styles
+
+pytestmark = pytest.mark.slow
+
+LAYERS = 2
+
+
+def _gloo_calls(prof: profile) -> dict[str, int]:
+    """Collectives gloo ran under ``prof`` (its ``gloo:NAME`` events), by name."""
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith("gloo:"):
+            counts[event.name[5:]] = counts.get(event.name[5:], 0) + 1
+    return counts
+
+
+def collectives_worker(ctx: WorkerContext) -> dict[str, Any]:
+    """Collectives gloo runs in one forward and one backward of a 2-layer catalogue model at tp=2,
+    with the planner's styles."""
+    model_name, sequence_parallel = ctx.config["model"], ctx.config["sp"]
+    data = gpt_spec(2, layers=LAYERS)
+    if model_name == "llama":
+        data["model"] = {"catalogue": "llama", "args": {"layers": LAYERS, "hidden": 32, "heads": 4, "kv_heads": 2,
+                                                        "vocab": 64, "seq_len": 16, "multiple_of": 16}}
+    built = build_meta_model(validate(Spec, data))
+    model = built.module.to_empty(device="cpu")
+    init_parameters(model, 0)
+    styles = model_tp_styles(None, {name for name, _ in model.named_modules()}, gated_mlp=model_name == "llama")
+    resolved = resolve_styles(model, styles)  # type: ignore[arg-type]
+    mesh = init_device_mesh("cpu", (2,))
+    parallelize_module(model, mesh, parallel_plan(model, resolved, built.task, sequence_parallel=sequence_parallel,
+                                                  blocks=block_paths(model)))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with loss_context(True):
+        with profile() as forward:
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+        with profile() as backward:
+            loss.backward()
+    return {"forward": _gloo_calls(forward), "backward": _gloo_calls(backward)}
+
+
+def _run(model: str, sp: bool) -> dict[str, dict[str, int]]:
+    results = run_local_workers("tests.runtime.test_tp_collectives:collectives_worker", 2, backend="gloo",
+                                config={"model": model, "sp": sp}, threads=1, timeout_s=120)
+    assert results[0] == results[1]
+    return results[0]
+
+
+@pytest.mark.parametrize("model", ["gpt", "llama"])
+def test_one_input_gradient_reduction_per_sublayer(model: str) -> None:
+    counts = _run(model, sp=False)
+    print(model, counts)
+    # Backward: each layer's attention and MLP input gradient (q/k/v, gate/up share one), and the
+    # head's input gradient (Shoeybi et al. 2019, Sec. 3, the f operator).
+    assert counts["backward"].get("all_reduce", 0) == 2 * LAYERS + 1
+
+
+def test_sequence_parallel_reduces_each_sublayer_input_gradient_once() -> None:
+    counts = _run("gpt", sp=True)
+    print(counts)
+    # Korthikanti et al. 2022, Sec. 4.2.2: an all-gather of the sequence in front of each attention,
+    # MLP and the head; backward, one reduce-scatter of each of their input gradients (gloo runs a
+    # reduce-scatter as an all-reduce).
+    assert counts["forward"].get("all_gather", 0) == 2 * LAYERS + 1
+    assert counts["backward"].get("all_reduce", 0) == 2 * LAYERS + 1
