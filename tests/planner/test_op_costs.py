@@ -176,3 +176,31 @@ def test_fsdp_units_pay_their_calibrated_overhead_per_micro_batch() -> None:
     ddp = dict(fixed, zero=0)
     q0, q1 = (api.plan(spec(cluster=c, parallel=ddp, batch=8))[0] for c in (without, with_overhead))
     assert q0.estimate.step_time_s == pytest.approx(q1.estimate.step_time_s)  # DDP has no FSDP units
+
+
+def test_tensor_parallel_layers_and_dtensor_parameters_are_counted_per_unit() -> None:
+    units = uses("gpt")
+    emb, block, head = units[0], units[1], units[-1]
+    assert block.tp_layers == 6  # q, k, v, proj, fc, proj
+    assert block.tp_param_tensors == 12  # their weights and biases (the row-parallel biases are replicated DTensors)
+    assert emb.tp_layers == 1 and emb.tp_param_tensors == 1  # the vocabulary-parallel wte (wpe stays plain)
+    assert head.tp_layers == 1 and head.tp_param_tensors == 0  # the head reads the tied wte, owned by the embedding
+
+
+def test_dtensor_overhead_is_paid_per_layer_micro_batch_loss_and_parameter() -> None:
+    fixed = {"dp": 2, "tp": 2, "pp": 1, "micro_batch": 1, "zero": 0, "recompute": "none"}
+    base = calibrated(devices=4)
+    share = 0.5
+    over = {"module_fwd_s": 1e-3, "module_bwd_s": 2e-3, "loss_fwd_s": 4e-3, "loss_bwd_s": 8e-3,
+            "param_step_s": {"adam": 1e-4}}
+    without = dict(base, device=dict(base["device"], compute_share=share))
+    with_overhead = dict(base, device=dict(base["device"], compute_share=share, tp_overhead=over))
+    (p0, _), (p1, _) = (api.plan(spec(cluster=c, parallel=fixed, batch=8)) for c in (without, with_overhead))
+    layers = 6 * SMALL["layers"] + 2  # every block's six, the embedding and the head
+    per_micro_batch = layers * 3e-3 + 12e-3
+    optimizer = (12 * SMALL["layers"] + 1) * 1e-4
+    assert p1.estimate.step_time_s - p0.estimate.step_time_s == pytest.approx(
+        (p0.num_microbatches * per_micro_batch + optimizer) / share)
+    single = dict(fixed, dp=4, tp=1)
+    q0, q1 = (api.plan(spec(cluster=c, parallel=single, batch=8))[0] for c in (without, with_overhead))
+    assert q0.estimate.step_time_s == pytest.approx(q1.estimate.step_time_s)  # no DTensor at tp = 1

@@ -313,6 +313,9 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     assert 0 < c.device.compute_share <= 1
     assert 0 <= c.device.fsdp_unit_overhead < 1.0  # FSDP2's own time per unit and micro-batch, measured
     assert "fsdp_unit_overhead" in out.read_text()
+    tp = c.device.tp_overhead  # DTensor's own time under tensor parallelism, measured over the pair
+    assert 1e-6 < tp.module_fwd_s + tp.module_bwd_s < 0.1 and 0 <= tp.loss_fwd_s + tp.loss_bwd_s < 0.1
+    assert set(tp.param_step_s) == {"sgd", "adam", "adamw"} and 0 < tp.param_step_s["adam"] < 0.01
     ops = c.device.op_costs["fp32"]  # the per-operator table the cost model sums over a traced graph
     assert {"linear", "gelu", "layer_norm", "add", "view", "scaled_dot_product_attention"} <= set(ops)
     assert ops["linear"].per == "flop" and ops["gelu"].per == "element"

@@ -38,6 +38,22 @@ class OpCost(Strict):
     bwd_per_unit_s: Seconds = Field(0.0, description="Backward seconds per forward unit.")
 
 
+class TPOverhead(Strict):
+    """Framework time of tensor parallelism beyond compute and collectives: DTensor's dispatch around
+    each sharded layer, the vocabulary-parallel loss and the optimizer's update of each DTensor
+    parameter. Measured by ``trainplan calibrate`` (:func:`trainplan.runtime.calibrate_framework.tp_overhead`)
+    at one device's full speed, like ``op_costs`` (the planner divides both by ``compute_share``);
+    zeros (the presets) leave it out."""
+
+    module_fwd_s: Seconds = Field(0.0, description="Forward seconds per tensor-parallel layer and micro-batch.")
+    module_bwd_s: Seconds = Field(0.0, description="Backward seconds per tensor-parallel layer and micro-batch.")
+    loss_fwd_s: Seconds = Field(0.0, description="Forward seconds of the vocabulary-parallel cross-entropy per micro-batch.")
+    loss_bwd_s: Seconds = Field(0.0, description="Backward seconds of the vocabulary-parallel cross-entropy per micro-batch.")
+    param_step_s: dict[str, Seconds] = Field(
+        default_factory=dict, description="Per optimizer ('adam', 'adamw', 'sgd'): seconds per DTensor parameter "
+        "tensor and step, beyond the same update on a plain tensor.")
+
+
 class Device(Strict):
     name: str = Field(description="Device model, e.g. 'A100-SXM4-80GB'.")
     memory: Bytes = Field(description="Memory per device: bytes or a string like '80 GiB'.")
@@ -82,6 +98,11 @@ class Device(Strict):
         description="Framework time per FSDP2 unit and micro-batch (forward + backward) beyond its collectives "
         "and compute: hooks, copy-in / copy-out around each all-gather and reduce-scatter, run on the same "
         "cores on a CPU. Measured by `trainplan calibrate` on gloo; 0 (the presets) leaves it out.",
+    )
+    tp_overhead: TPOverhead = Field(
+        default_factory=TPOverhead,
+        description="DTensor's own time under tensor parallelism (per layer, loss and parameter tensor), measured by "
+        "`trainplan calibrate`; zeros (the presets) leave it out.",
     )
     op_costs: dict[Dtype, dict[str, OpCost]] = Field(
         default_factory=dict,

@@ -210,7 +210,7 @@ def unit_times(model: ModelCosts, lay: Layout, ctx: Context) -> UnitTimes:
         loss = model.loss_bytes if i == last else 0.0  # the loss runs after the last unit
         key = (u.kind, u.params, u.tp_replicated, u.flops_fwd, u.flops_bwd, u.activation_bytes, u.kernels,
                u.act_tp_sharded, u.act_selective, u.act_selective_tp_sharded, u.act_full, loss,
-               u.ops if measured_ops else ())
+               u.ops if measured_ops else (), u.tp_layers)
         if key not in seen:
             if model.facts is not None and u.kind == "block":
                 seen[key] = _block(ctx, u, lay, model.facts)

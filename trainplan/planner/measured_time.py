@@ -1,6 +1,6 @@
 """Time terms from the cluster's measured costs (``trainplan calibrate``): a unit's compute summed
-operator by operator, the optimizer update per parameter tensor, and the runtime's per-step
-bookkeeping collective. Used by :mod:`trainplan.planner.evaluate`; pure arithmetic, no torch.
+operator by operator (plus DTensor's own work under tensor parallelism), the optimizer update per
+parameter tensor, and the runtime's per-step bookkeeping collective. Used by :mod:`trainplan.planner.evaluate`; pure arithmetic, no torch.
 
 ``ctx`` is an :class:`trainplan.planner.evaluate.Context` (cluster, dtype, optimizer), ``lay`` a
 :class:`trainplan.planner.space.Layout`, ``stage`` an :class:`trainplan.planner.evaluate.StageCost`.
@@ -41,8 +41,26 @@ def measured_compute(ctx: Context, u: UnitCost, lay: Layout, loss_bytes: float =
         redo = frozenset(base_name(use.op) for use in u.ops) - SELECTIVE_SAVED_OPS
         bwd += ops_time_s(u.ops, table, lay.micro_batch, tp, only=redo)[0]
     lf, lb = loss_time_s(table, loss_bytes / 4, lay.micro_batch, tp)
+    df, db = dtensor_time(ctx, u, lay, loss=loss_bytes > 0)
     share = ctx.cluster.device.compute_share  # the table is one device at full speed; all of them run at once
-    return (fwd + lf) / share, (bwd + lb) / share
+    return (fwd + lf + df) / share, (bwd + lb + db) / share
+
+
+def dtensor_time(ctx: Context, u: UnitCost, lay: Layout, loss: bool) -> tuple[float, float]:
+    """(forward, backward) seconds of DTensor's own work in ``u`` per micro-batch under tensor
+    parallelism, at full speed (``device.tp_overhead``, ``trainplan calibrate``): per tensor-parallel
+    layer the unit calls (``u.tp_layers``), its forward again in the backward under full
+    recomputation, and with ``loss`` the vocabulary-parallel cross-entropy when the unit's work is
+    split (the LM head). 0 at tp = 1 and with the presets' zeros."""
+    if lay.tp == 1:
+        return 0.0, 0.0
+    over = ctx.cluster.device.tp_overhead
+    fwd, bwd = u.tp_layers * over.module_fwd_s, u.tp_layers * over.module_bwd_s
+    if u.kind == "block" and lay.recompute == "full":
+        bwd += fwd
+    if loss and _tp_divides(u):
+        fwd, bwd = fwd + over.loss_fwd_s, bwd + over.loss_bwd_s
+    return fwd, bwd
 
 
 def _tp_divides(u: UnitCost) -> bool:
@@ -57,16 +75,22 @@ def optimizer_time(ctx: Context, model: ModelCosts, lay: Layout, stage: StageCos
     element): tensors × fixed + elements × per element, the elements divided by the ZeRO shard;
     ZeRO-1 gives each rank whole tensors (``ZeroRedundancyOptimizer``), so it also divides the
     tensors, FSDP2 (ZeRO-2/3) shards every tensor, so each rank still updates all of them. Without
-    it, a memory-bound pass (:func:`cost.optimizer_step_time_s`).
+    it, a memory-bound pass (:func:`cost.optimizer_step_time_s`). Under tensor parallelism each
+    DTensor parameter adds ``device.tp_overhead.param_step_s[optimizer]``.
     """
     table = ctx.cluster.device.op_costs.get(ctx.dtype, {})  # type: ignore[call-overload]
     measured = table.get(f"optimizer:{ctx.optimizer}")
-    tensors = sum(model.units[i].param_tensors for a, b in stage.ranges for i in range(a, b + 1))
+    units = [model.units[i] for a, b in stage.ranges for i in range(a, b + 1)]
+    tensors = sum(u.param_tensors for u in units)
     if measured is None or not tensors:
-        return cost.optimizer_step_time_s(stage.params / shard, ctx.precision, ctx.optimizer, ctx.cluster.device)
-    per_rank = tensors / shard if lay.zero == 1 else tensors
-    update = per_rank * measured.fwd_fixed_s + stage.params / shard * measured.fwd_per_unit_s
-    return update / ctx.cluster.device.compute_share
+        update = cost.optimizer_step_time_s(stage.params / shard, ctx.precision, ctx.optimizer, ctx.cluster.device)
+    else:
+        per_rank = tensors / shard if lay.zero == 1 else tensors
+        update = (per_rank * measured.fwd_fixed_s + stage.params / shard * measured.fwd_per_unit_s) / ctx.cluster.device.compute_share
+    if lay.tp > 1:  # DTensor parameters: every op of their update goes through DTensor's dispatch
+        dtensors = sum(u.tp_param_tensors for u in units)
+        update += dtensors * ctx.cluster.device.tp_overhead.param_step_s.get(ctx.optimizer, 0.0) / ctx.cluster.device.compute_share
+    return update
 
 
 def step_bookkeeping_s(ctx: Context, lay: Layout) -> float:

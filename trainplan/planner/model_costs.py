@@ -41,6 +41,8 @@ class UnitCost:
     ops: tuple = ()  # the unit's operators (trainplan.planner.cost.ops.OpUse), for measured op costs; () untraced
     param_tensors: float = 0.0  # parameter tensors the unit owns (an optimizer's fixed cost is per tensor); 0 untraced
     act_entry: float = 0.0  # saved here and by an earlier unit (counted there): a stage starting here holds its own copy
+    tp_layers: int = 0  # modules tensor parallelism turns into DTensor layers (colwise, rowwise, vocab, qkv) that the unit calls
+    tp_param_tensors: int = 0  # of ``param_tensors``, those that become DTensors under tensor parallelism
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +111,12 @@ def model_costs_from_graph(graph: OpGraph, hf_arch: str | None = None) -> ModelC
     ops = graph_op_uses(graph, styles)
     tensors = owned_param_tensors(graph)
     entry = stage_entry_bytes(graph)
+    dtensor = tp_dtensor_counts(graph, styles)
     units = tuple(
         UnitCost(u.name, u.kind, u.modules, float(u.params), u.flops_fwd, u.flops_bwd, a.none,
                  float(u.output_bytes), float(r), float(unit_kernels(graph.unit_nodes(u))), a.none_sharded,
-                 a.selective, a.selective_sharded, a.full, o, float(t), e)
-        for u, r, a, o, t, e in zip(graph.units, replicated, acts, ops, tensors, entry)
+                 a.selective, a.selective_sharded, a.full, o, float(t), e, layers, dparams)
+        for u, r, a, o, t, e, (layers, dparams) in zip(graph.units, replicated, acts, ops, tensors, entry, dtensor)
     )
     shared = []
     for names, holders in zip(graph.tied, graph.tied_units):
@@ -223,15 +226,47 @@ def tp_sharded(name: str, styles: dict[str, str]) -> bool:
     and vocabulary-parallel weights; a row-parallel layer's bias is added after the reduction, so it
     is replicated, as is every parameter of an unlisted module (Shoeybi et al. 2019, Sec. 3). A fused
     ``qkv`` projection's bias stays whole too (``runtime.tensor_parallel.Conv1DColwise``)."""
+    module, _, leaf = name.rpartition(".")
+    style = style_of(module, styles)
+    return style in ("colwise", "vocab") or (style in ("rowwise", "qkv") and leaf != "bias")
+
+
+# Styles under which ``parallelize_module`` makes a module's parameters and its input DTensors.
+DTENSOR_STYLES = frozenset({"colwise", "rowwise", "vocab", "qkv"})
+
+
+def style_of(path: str, styles: dict[str, str]) -> str:
+    """The tensor-parallel style ``styles`` gives module ``path`` (patterns with one glob per dotted
+    atom, as ``parallelize_module`` matches them); ``''`` for none."""
     from fnmatch import fnmatch
 
-    module, _, leaf = name.rpartition(".")
-    atoms = module.split(".")
-    for pattern, style in styles.items():
+    atoms = path.split(".")
+    for pattern, kind in styles.items():
         parts = pattern.split(".")
         if len(parts) == len(atoms) and all(fnmatch(a, p) for a, p in zip(atoms, parts)):
-            return style in ("colwise", "vocab") or (style in ("rowwise", "qkv") and leaf != "bias")
-    return False
+            return kind
+    return ""
+
+
+def tp_dtensor_counts(graph: OpGraph, styles: dict[str, str]) -> list[tuple[int, int]]:
+    """Per unit, (tensor-parallel layers it calls, parameter tensors it owns that become DTensors)
+    under ``styles``: what DTensor's per-layer and per-parameter overheads
+    (``device.tp_overhead``) multiply. A layer called twice in a unit counts once, a parameter in
+    the unit that reads it first (:func:`owned_param_tensors`). (0, 0) everywhere for a model
+    without a tensor-parallel rule."""
+    if graph.facts is None or not graph.facts.tensor_parallel:
+        return [(0, 0)] * len(graph.units)
+    seen: set[str] = set()
+    out = []
+    for u in graph.units:
+        nodes = graph.unit_nodes(u)
+        called = {n.module_path for n in nodes if n.module_path}
+        layers = sum(1 for path in called if style_of(path, styles) in DTENSOR_STYLES)
+        names = {p for n in nodes for p in n.param_names} - seen
+        seen |= names
+        params = sum(1 for name in names if style_of(name.rpartition(".")[0], styles) in DTENSOR_STYLES)
+        out.append((layers, params))
+    return out
 
 
 def planned_tp_styles(graph: OpGraph, hf_arch: str | None = None) -> dict[str, str]:
@@ -294,21 +329,10 @@ def _tp_sharded_values(graph: OpGraph, styles: dict[str, str] | None = None) -> 
     2019, Sec. 3: the attention heads and the MLP's intermediate width). Empty without a TP rule."""
     if graph.facts is None or not graph.facts.tensor_parallel:
         return set()
-    from fnmatch import fnmatch
-
     styles = planned_tp_styles(graph) if styles is None else styles
-
-    def style(path: str) -> str:
-        atoms = path.split(".")
-        for pattern, kind in styles.items():
-            parts = pattern.split(".")
-            if len(parts) == len(atoms) and all(fnmatch(a, p) for a, p in zip(atoms, parts)):
-                return kind
-        return ""
-
     sharded: set[str] = set()
     for n in graph.nodes:
-        kind = style(n.module_path)
+        kind = style_of(n.module_path, styles)
         column = kind in ("colwise", "qkv")
         inner = column or (kind == "" and any(i in sharded for i in n.inputs))
         if inner:

@@ -54,6 +54,7 @@ from trainplan.runtime.calibrate_links import (  # noqa: F401 - re-exported: cal
 )
 from trainplan.runtime.calibrate_links import round_significant as _sig
 from trainplan.runtime.calibrate_ops import compute_share, measured_share, op_table, slowest_op_timings  # noqa: F401 - compute_share re-exported
+from trainplan.runtime.calibrate_ops import slowest_tp_overhead, tp_overhead_fields
 from trainplan.runtime.op_bench import OpTiming
 
 KiB, MiB = 2**10, 2**20
@@ -286,6 +287,7 @@ class Measurement:
     in_situ: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, op_bench.in_situ_factors (rank 0)
     compute_share: float = 1.0  # fraction of its speed a worker keeps while all compute (CPU processes sharing cores)
     fsdp_unit_overhead: float | None = None  # FSDP2's own seconds per unit and micro-batch (slowest rank; None: not measured)
+    tp_overhead: dict[str, Any] | None = None  # calibrate_framework.tp_overhead, slowest rank per figure (None: not measured)
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -343,7 +345,8 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         ops=slowest_op_timings([results[0].get("ops", {})]),
         in_situ={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("in_situ", {}).items()},
         compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend),
-        fsdp_unit_overhead=max(r["fsdp_unit_overhead"] for r in results) if "fsdp_unit_overhead" in results[0] else None)
+        fsdp_unit_overhead=max(r["fsdp_unit_overhead"] for r in results) if "fsdp_unit_overhead" in results[0] else None,
+        tp_overhead=slowest_tp_overhead([r.get("tp_overhead") for r in results]))
 
 
 def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster:
@@ -368,6 +371,8 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
     if m.fsdp_unit_overhead is not None:
         # measured with every worker at once, so already at the shared speed: undo the planner's division
         measured["device"]["fsdp_unit_overhead"] = _sig(m.fsdp_unit_overhead * m.compute_share)
+    if m.tp_overhead is not None:
+        measured["device"]["tp_overhead"] = tp_overhead_fields(m.tp_overhead, m.compute_share)
     if m.ops:
         measured["device"]["compute_share"] = _sig(m.compute_share, 3)
         measured["device"]["op_costs"] = {dtype: {op: {k: (_sig(v) if isinstance(v, float) else v) for k, v in c.items()}

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from trainplan.runtime.calibrate import TORCH_DTYPE, BenchPlan, CalibrationError, Gemm
+from trainplan.runtime.calibrate_framework import barrier, fsdp_unit_overhead, lockstep_share, tp_overhead
 from trainplan.runtime.local_workers import WorkerContext
 from trainplan.runtime.op_bench import fit_op_costs, in_situ_factors, time_all
 
@@ -125,13 +126,6 @@ def time_kernel_overhead(device: torch.device, plan: BenchPlan) -> float:
     return per_chain / (3 * n)
 
 
-def _barrier(ctx: WorkerContext) -> None:
-    if ctx.device.type == "cuda":
-        dist.barrier(device_ids=[ctx.device.index])
-    else:
-        dist.barrier()
-
-
 def time_allreduce(nbytes: int, ctx: WorkerContext, plan: BenchPlan) -> float:
     """Median seconds of one all-reduce of ``nbytes`` (rank 0's clock, ranks aligned by a barrier)."""
     x = torch.zeros(nbytes // 4, dtype=torch.float32, device=ctx.device)
@@ -139,7 +133,7 @@ def time_allreduce(nbytes: int, ctx: WorkerContext, plan: BenchPlan) -> float:
         dist.all_reduce(x)
     samples = []
     for _ in range(plan.repeats):
-        _barrier(ctx)
+        barrier(ctx)
         samples.append(_timed(lambda: dist.all_reduce(x), ctx.device))
     return statistics.median(samples)
 
@@ -160,7 +154,7 @@ def time_pingpong(nbytes: int, ctx: WorkerContext, plan: BenchPlan) -> float:
         round_trip()
     samples = []
     for _ in range(plan.repeats):
-        _barrier(ctx)
+        barrier(ctx)
         samples.append(_timed(round_trip, ctx.device) / 2)
     return statistics.median(samples)
 
@@ -183,13 +177,13 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
     result: dict[str, Any] = {"memory": _memory_facts(ctx.device)}
     if ctx.device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(ctx.device)
-    _barrier(ctx)
+    barrier(ctx)
     result["gemms"] = measure_gemms(ctx.device, plan)
-    _barrier(ctx)
+    barrier(ctx)
     result["copy"] = [plan.copy_bytes, time_copy(plan.copy_bytes, ctx.device, plan)]
-    _barrier(ctx)
+    barrier(ctx)
     result["kernel"] = time_kernel_overhead(ctx.device, plan)
-    _barrier(ctx)
+    barrier(ctx)
     if plan.op_dtypes and ctx.rank == 0:
         # One process times the operator table while the others wait at the barrier: each op at the
         # device's full speed; the planner divides by ``device.compute_share`` when the processes
@@ -204,122 +198,17 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
             result["in_situ"][dt] = {k: list(v) for k, v in in_situ_factors(fit_op_costs(timings), ctx.device,
                                                                                TORCH_DTYPE[dt]).items()}
     if plan.op_dtypes:
-        _barrier(ctx)
+        barrier(ctx)
     if plan.op_dtypes and ctx.world_size > 1 and ctx.device.type == "cpu":
         result["lockstep_share"] = lockstep_share(ctx)
         result["fsdp_unit_overhead"] = fsdp_unit_overhead(ctx)
+        result["tp_overhead"] = tp_overhead(ctx)
     if ctx.world_size > 1:
         result["allreduce"] = [[n, time_allreduce(n, ctx, plan)] for n in plan.comm_sizes]
         result["p2p"] = [[n, time_pingpong(n, ctx, plan)] for n in plan.comm_sizes]
         if ctx.device.type == "cpu":  # our algorithms move CPU tensors over gloo point-to-point
             result["algorithms"] = time_algorithms(ctx, plan)
     return result
-
-
-FSDP_UNITS = 4  # blocks of the synthetic network sharded as FSDP2 units in :func:`fsdp_unit_overhead`
-
-
-def fsdp_unit_overhead(ctx: WorkerContext, steps: int = 10) -> float:
-    """Seconds of FSDP2's own work per unit and micro-batch (forward + backward), beyond compute and
-    collectives, on this rank (every rank must call it: it shards over the whole group).
-
-    The same synthetic network (:class:`trainplan.runtime.op_bench._SyntheticBlock` × ``FSDP_UNITS``,
-    small, so the fixed costs show) is timed plain and with every block ``fully_shard``-ed as the
-    runtime does for ZeRO-3; its collectives (one all-gather forward, one backward, one
-    reduce-scatter per unit) are timed alone at the same sizes and subtracted:
-    ``(t_fsdp − t_plain − units·(2·t_gather + t_scatter)) / units``. What is left — pre/post hooks,
-    copy-in / copy-out of the flat buffers, resharding — runs in Python on the cores the model
-    uses (on a CPU, where FSDP2 was measured at ~5 ms per unit and micro-batch with 4 workers on 2
-    cores, against ~2 ms of collectives).
-    """
-    import copy
-
-    from torch.distributed.fsdp import fully_shard
-
-    from trainplan.runtime.op_bench import _SyntheticBlock
-
-    torch.manual_seed(0)
-    plain = torch.nn.Sequential(*[_SyntheticBlock(64) for _ in range(FSDP_UNITS)])
-    sharded = copy.deepcopy(plain)
-    for block in sharded:
-        fully_shard(block, reshard_after_forward=True)
-    fully_shard(sharded)
-    x = torch.randn(1, 32, 64)
-
-    def timed(model: torch.nn.Module) -> float:
-        model(x).sum().backward()  # warm-up (FSDP2's lazy init)
-        _barrier(ctx)
-        start = time.perf_counter()
-        for _ in range(steps):
-            model(x).sum().backward()
-        return (time.perf_counter() - start) / steps
-
-    t_plain, t_fsdp = timed(plain), timed(sharded)
-    numel = sum(p.numel() for p in plain[0].parameters())
-    shard = math.ceil(numel / ctx.world_size)
-    local, full = torch.zeros(shard), torch.zeros(shard * ctx.world_size)
-    _barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(steps):
-        dist.all_gather_into_tensor(full, local)
-    gather = (time.perf_counter() - start) / steps
-    _barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(steps):
-        dist.reduce_scatter_tensor(local, full)
-    scatter = (time.perf_counter() - start) / steps
-    return max(0.0, (t_fsdp - t_plain - FSDP_UNITS * (2 * gather + scatter)) / FSDP_UNITS)
-
-
-LOCKSTEP_STEPS = 12  # synthetic training steps per phase of :func:`lockstep_share`
-
-
-def lockstep_share(ctx: WorkerContext) -> float | None:
-    """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep.
-
-    Rank 0 first runs a synthetic training step (forward and backward of a generic 4-layer network,
-    :class:`trainplan.runtime.op_bench._SyntheticBlock`, a few ms of work) alone while the others
-    wait; then every rank runs the same steps, each followed by a small all-reduce, as data-parallel
-    training does; then the all-reduces alone. ``share = t_solo / (t_lockstep − t_allreduce)`` on
-    rank 0 (``None`` elsewhere). Where the workers outnumber the cores this is well below
-    ``cores / workers``: a worker that reaches the collective first waits, descheduled, for the
-    slowest, and the step runs at the pace of the worst-served worker (4 workers on 2 cores:
-    about 0.25-0.35, not 0.5). The planner divides the measured operator costs by it
-    (``device.compute_share``).
-    """
-    from trainplan.runtime.op_bench import _SyntheticBlock
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[_SyntheticBlock(128) for _ in range(4)])
-    x = torch.randn(1, 256, 128)
-    flag = torch.zeros(1)
-
-    def step() -> None:
-        y = model(x)
-        y.sum().backward()
-
-    for _ in range(2):
-        step()
-    solo = None
-    if ctx.rank == 0:
-        start = time.perf_counter()
-        for _ in range(LOCKSTEP_STEPS):
-            step()
-        solo = (time.perf_counter() - start) / LOCKSTEP_STEPS
-    _barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(LOCKSTEP_STEPS):
-        step()
-        dist.all_reduce(flag)
-    together = (time.perf_counter() - start) / LOCKSTEP_STEPS
-    _barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(LOCKSTEP_STEPS):
-        dist.all_reduce(flag)
-    collective = (time.perf_counter() - start) / LOCKSTEP_STEPS
-    if solo is None:
-        return None
-    return min(1.0, solo / max(together - collective, solo))
 
 
 def time_algorithms(ctx: WorkerContext, plan: BenchPlan) -> list[list[Any]]:

@@ -1,6 +1,7 @@
 """The operator side of ``trainplan calibrate``: the per-operator table from the workers' timings
 and the share of its speed a worker keeps when all of them train (:mod:`trainplan.runtime.op_bench`
-and :func:`trainplan.runtime.calibrate_bench.lockstep_share` measure; this module aggregates)."""
+and :mod:`trainplan.runtime.calibrate_framework` measure; this module aggregates), and the
+tensor-parallel overheads gathered from the ranks."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def measured_share(lockstep: float | None, cores: int, nproc: int, threads: int, backend: str) -> float:
-    """``device.compute_share``: the lockstep measurement (:func:`calibrate_bench.lockstep_share`),
+    """``device.compute_share``: the lockstep measurement (:func:`calibrate_framework.lockstep_share`),
     never above ``cores / (processes · threads)``; 1 on GPUs. Even where every worker has its cores,
     the workers of one machine share its memory bandwidth and caches, and gloo's threads take CPU
     time from them: the measurement keeps that too."""
@@ -46,3 +47,29 @@ def op_table(m: Measurement, dtype: str) -> dict[str, dict[str, float]]:
     """The per-operator table of ``dtype``: the fits of the probes (:func:`fit_op_costs`), their fixed
     costs scaled by the in-situ factors measured on a generic network (:func:`apply_in_situ`)."""
     return apply_in_situ(fit_op_costs(list(m.ops[dtype])), m.in_situ.get(dtype, {}))
+
+
+def slowest_tp_overhead(per_rank: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """:func:`calibrate_framework.tp_overhead` of every rank combined figure by figure at the slowest
+    rank (a synchronous step waits for it); ``None`` when no rank measured it."""
+    rows = [r for r in per_rank if r]
+    if not rows:
+        return None
+    return {
+        "module": [max(r["module"][i] for r in rows) for i in (0, 1)],
+        "loss": [max(r["loss"][i] for r in rows) for i in (0, 1)],
+        "param_step": {name: max(r["param_step"][name] for r in rows) for name in rows[0]["param_step"]},
+    }
+
+
+def tp_overhead_fields(overhead: dict[str, Any], share: float) -> dict[str, Any]:
+    """``device.tp_overhead`` of a measurement taken with every worker at once: at one device's full
+    speed (× ``share``), as the planner divides it by ``compute_share`` like the operator table."""
+    from trainplan.runtime.calibrate_links import round_significant
+
+    def full_speed(seconds: float) -> float:
+        return round_significant(seconds * share)
+
+    return {"module_fwd_s": full_speed(overhead["module"][0]), "module_bwd_s": full_speed(overhead["module"][1]),
+            "loss_fwd_s": full_speed(overhead["loss"][0]), "loss_bwd_s": full_speed(overhead["loss"][1]),
+            "param_step_s": {name: full_speed(s) for name, s in sorted(overhead["param_step"].items())}}

@@ -1,0 +1,274 @@
+"""Worker side of ``trainplan calibrate``: the framework's own time around the model's operators.
+
+The operator table (:mod:`trainplan.runtime.op_bench`) is one process at full speed on plain
+tensors. Training adds work that no operator accounts for, and on a CPU it runs on the same cores
+as the model. Each probe times a small synthetic network with and without one mechanism, with
+every rank at once, and subtracts the collectives that mechanism sends (timed alone at the same
+sizes), leaving the framework's time:
+
+* :func:`lockstep_share`: the speed a worker keeps when all train in lockstep (time-sliced cores);
+* :func:`fsdp_unit_overhead`: FSDP2's hooks and flat-buffer copies per unit and micro-batch;
+* :func:`tp_overhead`: DTensor around each tensor-parallel layer, the vocabulary-parallel loss,
+  and the optimizer's update of each DTensor parameter.
+
+Every rank must call each probe (they run collectives over the whole group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainplan.runtime.local_workers import WorkerContext
+from trainplan.runtime.op_bench import _SyntheticBlock
+
+
+def barrier(ctx: WorkerContext) -> None:
+    if ctx.device.type == "cuda":
+        dist.barrier(device_ids=[ctx.device.index])
+    else:
+        dist.barrier()
+
+
+
+FSDP_UNITS = 4  # blocks of the synthetic network sharded as FSDP2 units in :func:`fsdp_unit_overhead`
+
+
+def fsdp_unit_overhead(ctx: WorkerContext, steps: int = 10) -> float:
+    """Seconds of FSDP2's own work per unit and micro-batch (forward + backward), beyond compute and
+    collectives, on this rank (every rank must call it: it shards over the whole group).
+
+    The same synthetic network (:class:`trainplan.runtime.op_bench._SyntheticBlock` × ``FSDP_UNITS``,
+    small, so the fixed costs show) is timed plain and with every block ``fully_shard``-ed as the
+    runtime does for ZeRO-3; its collectives (one all-gather forward, one backward, one
+    reduce-scatter per unit) are timed alone at the same sizes and subtracted:
+    ``(t_fsdp − t_plain − units·(2·t_gather + t_scatter)) / units``. What is left — pre/post hooks,
+    copy-in / copy-out of the flat buffers, resharding — runs in Python on the cores the model
+    uses (on a CPU, where FSDP2 was measured at ~5 ms per unit and micro-batch with 4 workers on 2
+    cores, against ~2 ms of collectives).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[_SyntheticBlock(64) for _ in range(FSDP_UNITS)])
+    sharded = copy.deepcopy(plain)
+    for block in sharded:
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(sharded)
+    x = torch.randn(1, 32, 64)
+
+    def timed(model: torch.nn.Module) -> float:
+        model(x).sum().backward()  # warm-up (FSDP2's lazy init)
+        barrier(ctx)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(x).sum().backward()
+        return (time.perf_counter() - start) / steps
+
+    t_plain, t_fsdp = timed(plain), timed(sharded)
+    numel = sum(p.numel() for p in plain[0].parameters())
+    shard = math.ceil(numel / ctx.world_size)
+    local, full = torch.zeros(shard), torch.zeros(shard * ctx.world_size)
+    barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(steps):
+        dist.all_gather_into_tensor(full, local)
+    gather = (time.perf_counter() - start) / steps
+    barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(steps):
+        dist.reduce_scatter_tensor(local, full)
+    scatter = (time.perf_counter() - start) / steps
+    return max(0.0, (t_fsdp - t_plain - FSDP_UNITS * (2 * gather + scatter)) / FSDP_UNITS)
+
+
+LOCKSTEP_STEPS = 12  # synthetic training steps per phase of :func:`lockstep_share`
+
+
+def lockstep_share(ctx: WorkerContext) -> float | None:
+    """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep.
+
+    Rank 0 first runs a synthetic training step (forward and backward of a generic 4-layer network,
+    :class:`trainplan.runtime.op_bench._SyntheticBlock`, a few ms of work) alone while the others
+    wait; then every rank runs the same steps, each followed by a small all-reduce, as data-parallel
+    training does; then the all-reduces alone. ``share = t_solo / (t_lockstep − t_allreduce)`` on
+    rank 0 (``None`` elsewhere). Where the workers outnumber the cores this is well below
+    ``cores / workers``: a worker that reaches the collective first waits, descheduled, for the
+    slowest, and the step runs at the pace of the worst-served worker (4 workers on 2 cores:
+    about 0.25-0.35, not 0.5). The planner divides the measured operator costs by it
+    (``device.compute_share``).
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_SyntheticBlock(128) for _ in range(4)])
+    x = torch.randn(1, 256, 128)
+    flag = torch.zeros(1)
+
+    def step() -> None:
+        y = model(x)
+        y.sum().backward()
+
+    for _ in range(2):
+        step()
+    solo = None
+    if ctx.rank == 0:
+        start = time.perf_counter()
+        for _ in range(LOCKSTEP_STEPS):
+            step()
+        solo = (time.perf_counter() - start) / LOCKSTEP_STEPS
+    barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(LOCKSTEP_STEPS):
+        step()
+        dist.all_reduce(flag)
+    together = (time.perf_counter() - start) / LOCKSTEP_STEPS
+    barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(LOCKSTEP_STEPS):
+        dist.all_reduce(flag)
+    collective = (time.perf_counter() - start) / LOCKSTEP_STEPS
+    if solo is None:
+        return None
+    return min(1.0, solo / max(together - collective, solo))
+
+
+TP_DEGREE = 2  # tensor-parallel group size of :func:`tp_overhead` (pairs of ranks)
+TP_BLOCKS = 4  # column- then row-parallel layer pairs in its synthetic network
+TP_WIDTH, TP_TOKENS, TP_VOCAB = 64, 32, 128
+TP_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class _MegatronMLP(torch.nn.Module):
+    """``x + down(relu(up(x)))``: a column-parallel then a row-parallel layer under tensor parallelism
+    (Shoeybi et al. 2019, Sec. 3, the MLP), ``inner`` the up projection's width."""
+
+    def __init__(self, width: int, inner: int) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(width, inner)
+        self.down = torch.nn.Linear(inner, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class _Edge(torch.nn.Module):
+    """An embedding and an output head: vocabulary-parallel under tensor parallelism."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def _passes(ctx: WorkerContext, loss: Callable[[], torch.Tensor], steps: int,
+            context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext) -> tuple[float, float]:
+    """(forward, backward) seconds of ``loss``: forward alone, then forward and backward, minus it;
+    each pass inside ``context()``."""
+    with context():
+        for _ in range(2):
+            loss().backward()
+        barrier(ctx)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss()
+        forward = (time.perf_counter() - start) / steps
+        barrier(ctx)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss().backward()
+    return forward, max(0.0, (time.perf_counter() - start) / steps - forward)
+
+
+def _update(ctx: WorkerContext, model: torch.nn.Module, optimizer: str, steps: int) -> float:
+    """Seconds of one ``optimizer`` step over ``model``'s parameters (their gradients already there)."""
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    opt = cls(model.parameters(), lr=1e-6)
+    opt.step()
+    barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def _allreduce_s(ctx: WorkerContext, numel: int, group: dist.ProcessGroup, steps: int) -> float:
+    buf = torch.zeros(numel)
+    barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(steps):
+        dist.all_reduce(buf, group=group)
+    return (time.perf_counter() - start) / steps
+
+
+def tp_overhead(ctx: WorkerContext, steps: int = 20) -> dict[str, object] | None:
+    """DTensor's own time under tensor parallelism, beyond compute and collectives, on this rank:
+    ``{"module": [fwd, bwd], "loss": [fwd, bwd], "param_step": {optimizer: s}}``; ``None`` unless the
+    group splits into pairs (an even world size).
+
+    Tensor parallelism as the runtime runs it (``parallelize_module``, :mod:`trainplan.runtime.
+    tensor_parallel`) turns each sharded layer's input and parameters into DTensors: every operator
+    on them goes through DTensor's dispatch (sharding propagation, redistribution, wrapping), in
+    Python, forward and backward — on a CPU about 1-2 ms per layer and micro-batch, against a
+    few µs for the product itself at these sizes. Three numbers, each over ranks in pairs:
+
+    * **module**: :data:`TP_BLOCKS` × (column-, row-parallel) layer pairs against the same network
+      unsharded at one rank's width, minus one all-reduce forward and one backward per pair
+      (Megatron's ``g`` and ``f``, timed alone at the same size), per layer;
+    * **loss**: a vocabulary-parallel embedding and column-parallel head with the cross-entropy
+      under ``loss_parallel`` against the same at one rank's vocabulary, minus their collectives
+      (the embedding's output and the head's input gradient, and the loss's three per-token
+      all-reduces, :data:`trainplan.planner.cost.comm.CROSS_ENTROPY_ALLREDUCES`) and two layers'
+      module overhead;
+    * **param_step**: per optimizer, one step over the TP network's DTensor parameters minus the
+      same over the unsharded one's, per parameter tensor.
+
+    Times are with every rank working at once; ``trainplan calibrate`` writes them at full speed
+    (× ``compute_share``), as the planner divides every measured compute time by it.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
+
+    if ctx.world_size < TP_DEGREE or ctx.world_size % TP_DEGREE:
+        return None
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size // TP_DEGREE, TP_DEGREE), mesh_dim_names=("dp", "tp"))["tp"]
+    group = mesh.get_group()
+    torch.manual_seed(0)
+    inner = 2 * TP_WIDTH
+    plain = torch.nn.Sequential(*[_MegatronMLP(TP_WIDTH, inner // TP_DEGREE) for _ in range(TP_BLOCKS)])
+    sharded = torch.nn.Sequential(*[_MegatronMLP(TP_WIDTH, inner) for _ in range(TP_BLOCKS)])
+    for block in sharded:
+        parallelize_module(block, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    x = torch.randn(1, TP_TOKENS, TP_WIDTH)
+    p_f, p_b = _passes(ctx, lambda: plain(x).sum(), steps)
+    s_f, s_b = _passes(ctx, lambda: sharded(x).sum(), steps)
+    activation = _allreduce_s(ctx, TP_TOKENS * TP_WIDTH, group, steps)
+    layers = 2 * TP_BLOCKS
+    module = (max(0.0, (s_f - p_f - TP_BLOCKS * activation) / layers),
+              max(0.0, (s_b - p_b - TP_BLOCKS * activation) / layers))
+
+    edge_plain, edge = _Edge(TP_VOCAB // TP_DEGREE, TP_WIDTH), _Edge(TP_VOCAB, TP_WIDTH)
+    parallelize_module(edge, mesh, {
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    tokens = torch.randint(0, TP_VOCAB // TP_DEGREE, (1, TP_TOKENS))
+
+    e_f, e_b = _passes(ctx, lambda: F.cross_entropy(edge_plain(tokens).flatten(0, 1), tokens.flatten()), steps)
+    l_f, l_b = _passes(ctx, lambda: F.cross_entropy(edge(tokens).flatten(0, 1), tokens.flatten()), steps,
+                       loss_parallel)
+    scalars = _allreduce_s(ctx, TP_TOKENS, group, steps)
+    loss = (max(0.0, l_f - e_f - activation - 3 * scalars - 2 * module[0]),
+            max(0.0, l_b - e_b - activation - 2 * module[1]))
+    tensors = sum(1 for _ in sharded.parameters())
+    param_step = {name: max(0.0, (_update(ctx, sharded, name, steps) - _update(ctx, plain, name, steps)) / tensors)
+                  for name in TP_OPTIMIZERS}
+    return {"module": list(module), "loss": list(loss), "param_step": param_step}
