@@ -1,7 +1,7 @@
 """Measured vs estimated memory and step time over a matrix of small plans on 4 local processes.
 
     .venv/bin/python -m trainplan calibrate -o out/cluster.yaml --nproc 4 --quick   # optional, for step time
-    .venv/bin/python bench/estimate_accuracy.py [--cluster out/cluster.yaml] [--models gpt,llama,bert,cnn] [--steps 3]
+    .venv/bin/python bench/estimate_accuracy.py [--cluster out/cluster.yaml] [--models gpt,llama,bert,cnn] [--steps 8]
 
 Every model (small catalogue sizes) × layout is planned by the planner with every parallel field
 fixed, each model's plans run in one sweep of 4 gloo workers (``launch_sweep``; a plan that
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--cluster", help="cluster YAML from `trainplan calibrate` (default: the cpu-local preset)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
     cluster = None
     if args.cluster:

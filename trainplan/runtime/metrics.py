@@ -57,9 +57,16 @@ def reset_peak_memory(device: torch.device) -> None:
         pass  # not Linux, or not permitted: the peak then covers the whole process
 
 
-def measured_step_time(times: list[float]) -> float:
-    """Median step time without the warm-up step (the first) when there are others."""
-    return statistics.median(times[1:] if len(times) > 1 else times)
+def timed_steps(values: list[Any], untimed: int = 1) -> list[Any]:
+    """The steps whose time counts: those after the first ``untimed`` (the warm-up, and the steps whose
+    memory the run samples with saved-tensor hooks, which slow them), when there are any; else all
+    but the warm-up; else all."""
+    return values[untimed:] or values[1:] or values
+
+
+def measured_step_time(times: list[float], untimed: int = 1) -> float:
+    """Median step time of :func:`timed_steps`."""
+    return statistics.median(timed_steps(times, untimed))
 
 
 class MetricsWriter:
@@ -88,13 +95,14 @@ class MetricsWriter:
         )
 
     def summary(self, *, layout: str, estimated_step_time_s: float | None, world_size: int,
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                extra: dict[str, Any] | None = None, untimed_steps: int = 1) -> dict[str, Any]:
         """Write and return ``summary.json``; ``ratio`` = measured / estimated step time (None without an estimate).
 
         ``extra``: further sections (``memory`` and ``time`` from :mod:`trainplan.runtime.measure`).
+        ``untimed_steps``: leading steps left out of the medians where later ones exist (:func:`timed_steps`).
         """
         times = [m.step_time_s for m in self.steps]
-        measured = measured_step_time(times)
+        measured = measured_step_time(times, untimed_steps)
         ratio = measured / estimated_step_time_s if estimated_step_time_s else None
         data = {
             "layout": layout,
@@ -104,7 +112,7 @@ class MetricsWriter:
             "measured_step_time_s": measured,
             "estimated_step_time_s": estimated_step_time_s,
             "measured_over_estimated": ratio,
-            "tokens_per_s": statistics.median(m.tokens_per_s for m in self.steps[1:] or self.steps),
+            "tokens_per_s": statistics.median(m.tokens_per_s for m in timed_steps(self.steps, untimed_steps)),
             "max_memory_bytes": max(m.max_memory_bytes for m in self.steps),
             **(extra or {}),
         }

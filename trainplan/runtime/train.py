@@ -24,7 +24,7 @@ from trainplan.models import synthetic_batch
 from trainplan.runtime.checkpoint import Checkpointer, CheckpointOptions, fault_from_env, inject_fault
 from trainplan.runtime.data import microbatches, replica_batch, shard_of, tokens_per_sample
 from trainplan.runtime.data_parallel import gradient_sync, make_optimizer, own_exchange, straggle
-from trainplan.runtime.measure import Meter, finish
+from trainplan.runtime.measure import MEMORY_SAMPLE_STEPS, Meter, finish
 from trainplan.runtime.materialize import build_meta_model, materialize_local, model_aliases
 from trainplan.runtime.mesh import RankMesh
 from trainplan.runtime.metrics import MetricsWriter, StepMetrics, layout_text, peak_memory_bytes, reset_peak_memory
@@ -198,7 +198,7 @@ def train(plan: Plan, mesh: RankMesh, out_dir: Path, *, steps: int | None = None
     measured = finish(meter, plan)
     if writer is not None:
         writer.summary(layout=layout_text(plan), estimated_step_time_s=plan.estimate.step_time_s,
-                       world_size=plan.mesh.world_size, extra=measured)
+                       world_size=plan.mesh.world_size, extra=measured, untimed_steps=MEMORY_SAMPLE_STEPS)
         writer.close()
 
 
