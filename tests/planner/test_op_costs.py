@@ -204,3 +204,18 @@ def test_dtensor_overhead_is_paid_per_layer_micro_batch_loss_and_parameter() -> 
     single = dict(fixed, dp=4, tp=1)
     q0, q1 = (api.plan(spec(cluster=c, parallel=single, batch=8))[0] for c in (without, with_overhead))
     assert q0.estimate.step_time_s == pytest.approx(q1.estimate.step_time_s)  # no DTensor at tp = 1
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recomputed_blocks_pay_the_checkpointing_machinery_per_operator(mode: str) -> None:
+    fixed = {"dp": 1, "tp": 1, "pp": 1, "micro_batch": 2, "zero": 0, "recompute": mode}
+    machinery = {"per": "element", "fwd_fixed_s": 1e-5, "bwd_fixed_s": 3e-5}
+    (f0, b0), (f1, b1) = (stage_times(spec(cluster=calibrated(ops), parallel=fixed, batch=2))
+                          for ops in (table(), dict(table(), **{f"recompute:{mode}": machinery})))
+    blocks = [u for u in uses("gpt") if u.kind == "block"]
+    calls = sum(use.calls for u in blocks for use in u.ops if use.op != "module_call")
+    assert calls == SMALL["layers"] * sum(use.calls for use in blocks[0].ops if use.op != "module_call") > 0
+    assert f1 - f0 == pytest.approx(calls * 1e-5) and b1 - b0 == pytest.approx(calls * 3e-5)
+    other = "selective" if mode == "full" else "full"
+    unused = dict(table(), **{f"recompute:{other}": machinery})
+    assert stage_times(spec(cluster=calibrated(unused), parallel=fixed, batch=2)) == pytest.approx((f0, b0))

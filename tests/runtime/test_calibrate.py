@@ -316,6 +316,8 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     tp = c.device.tp_overhead  # DTensor's own time under tensor parallelism, measured over the pair
     assert 1e-6 < tp.module_fwd_s + tp.module_bwd_s < 0.1 and 0 <= tp.loss_fwd_s + tp.loss_bwd_s < 0.1
     assert set(tp.param_step_s) == {"sgd", "adam", "adamw"} and 0 < tp.param_step_s["adam"] < 0.01
+    full, selective = c.device.op_costs["fp32"]["recompute:full"], c.device.op_costs["fp32"]["recompute:selective"]
+    assert 0 < full.fwd_fixed_s + full.bwd_fixed_s < 1e-3 and 0 < selective.fwd_fixed_s + selective.bwd_fixed_s < 1e-3
     ops = c.device.op_costs["fp32"]  # the per-operator table the cost model sums over a traced graph
     assert {"linear", "gelu", "layer_norm", "add", "view", "scaled_dot_product_attention"} <= set(ops)
     assert ops["linear"].per == "flop" and ops["gelu"].per == "element"
@@ -343,3 +345,12 @@ def test_cli_rejects_bad_arguments() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(CalibrationError, match="--backend nccl needs CUDA"):
             calibrate_main(["--backend", "nccl", "--quick"])
+
+
+def test_the_recompute_probe_recomputes_what_the_planner_says_selective_recomputes() -> None:
+    from trainplan.planner.model_costs import SELECTIVE_SAVED_OPS
+    from trainplan.runtime.calibrate_framework import SELECTIVE_RECOMPUTED
+    from trainplan.runtime.op_bench import _synthetic_ops
+
+    names = {op for op, _, _ in _synthetic_ops(8, 8)} - {"module_call"}
+    assert {op for op in names if op not in SELECTIVE_SAVED_OPS} == SELECTIVE_RECOMPUTED

@@ -285,6 +285,7 @@ class Measurement:
     algorithms: tuple[tuple[str, int, float], ...] = ()  # (our all-reduce algorithm, bytes, seconds)
     ops: dict[str, tuple[OpTiming, ...]] = field(default_factory=dict)  # per dtype, slowest rank per probe
     in_situ: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, op_bench.in_situ_factors (rank 0)
+    recompute: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, calibrate_framework.recompute_overhead (rank 0)
     compute_share: float = 1.0  # fraction of its speed a worker keeps while all compute (CPU processes sharing cores)
     fsdp_unit_overhead: float | None = None  # FSDP2's own seconds per unit and micro-batch (slowest rank; None: not measured)
     tp_overhead: dict[str, Any] | None = None  # calibrate_framework.tp_overhead, slowest rank per figure (None: not measured)
@@ -344,6 +345,7 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         algorithms=tuple((str(a), int(n), float(t)) for a, n, t in results[0].get("algorithms", [])),
         ops=slowest_op_timings([results[0].get("ops", {})]),
         in_situ={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("in_situ", {}).items()},
+        recompute={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("recompute", {}).items()},
         compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend),
         fsdp_unit_overhead=max(r["fsdp_unit_overhead"] for r in results) if "fsdp_unit_overhead" in results[0] else None,
         tp_overhead=slowest_tp_overhead([r.get("tp_overhead") for r in results]))

@@ -23,9 +23,15 @@ import torch
 import torch.distributed as dist
 
 from trainplan.runtime.calibrate import TORCH_DTYPE, BenchPlan, CalibrationError, Gemm
-from trainplan.runtime.calibrate_framework import barrier, fsdp_unit_overhead, lockstep_share, tp_overhead
+from trainplan.runtime.calibrate_framework import (
+    barrier,
+    fsdp_unit_overhead,
+    lockstep_share,
+    recompute_overhead,
+    tp_overhead,
+)
 from trainplan.runtime.local_workers import WorkerContext
-from trainplan.runtime.op_bench import fit_op_costs, in_situ_factors, time_all
+from trainplan.runtime.op_bench import apply_in_situ, fit_op_costs, in_situ_factors, time_all
 
 
 def _sync(device: torch.device) -> None:
@@ -195,8 +201,11 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
                 continue
             timings = time_all(ctx.device, TORCH_DTYPE[dt], plan.quick)
             result["ops"][dt] = [[t.op, t.units, t.fwd_s, t.bwd_s] for t in timings]
-            result["in_situ"][dt] = {k: list(v) for k, v in in_situ_factors(fit_op_costs(timings), ctx.device,
-                                                                               TORCH_DTYPE[dt]).items()}
+            fits = fit_op_costs(timings)
+            factors = in_situ_factors(fits, ctx.device, TORCH_DTYPE[dt])
+            result["in_situ"][dt] = {k: list(v) for k, v in factors.items()}
+            result.setdefault("recompute", {})[dt] = recompute_overhead(apply_in_situ(fits, factors), ctx.device,
+                                                                        TORCH_DTYPE[dt])
     if plan.op_dtypes:
         barrier(ctx)
     if plan.op_dtypes and ctx.world_size > 1 and ctx.device.type == "cpu":

@@ -9,9 +9,12 @@ sizes), leaving the framework's time:
 * :func:`lockstep_share`: the speed a worker keeps when all train in lockstep (time-sliced cores);
 * :func:`fsdp_unit_overhead`: FSDP2's hooks and flat-buffer copies per unit and micro-batch;
 * :func:`tp_overhead`: DTensor around each tensor-parallel layer, the vocabulary-parallel loss,
-  and the optimizer's update of each DTensor parameter.
+  and the optimizer's update of each DTensor parameter;
+* :func:`recompute_overhead`: ``torch.utils.checkpoint``'s and the selective policy's own work per
+  operator of a recomputed block.
 
-Every rank must call each probe (they run collectives over the whole group).
+Every rank must call the first three (they run collectives over the whole group);
+:func:`recompute_overhead` runs in one process, beside the operator table it is measured against.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -272,3 +276,67 @@ def tp_overhead(ctx: WorkerContext, steps: int = 20) -> dict[str, object] | None
     param_step = {name: max(0.0, (_update(ctx, sharded, name, steps) - _update(ctx, plain, name, steps)) / tensors)
                   for name in TP_OPTIMIZERS}
     return {"module": list(module), "loss": list(loss), "param_step": param_step}
+
+
+# Entries of the synthetic block (:func:`trainplan.runtime.op_bench._synthetic_ops`) whose outputs the
+# runtime's selective policy does not keep, so recomputes (aten view/_unsafe_view, mul, _softmax, add:
+# none is in :data:`trainplan.runtime.recompute.SAVED_OPS`); the planner's SELECTIVE_SAVED_OPS agrees
+# (tests/runtime/test_calibrate.py).
+SELECTIVE_RECOMPUTED = frozenset({"view", "mul", "softmax", "add"})
+RECOMPUTE_BLOCKS = 4
+
+
+def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device, dtype: torch.dtype, *,
+                       rounds: int = 3, repeats: int = 7) -> dict[str, list[float]]:
+    """Seconds per traced operator of a checkpointed block that activation recomputation adds beyond
+    the recomputed work itself, forward and backward: ``{"full": [fwd, bwd], "selective": [fwd, bwd]}``,
+    on this process alone (at full speed, like the operator table ``table``, which
+    :func:`trainplan.runtime.op_bench.apply_in_situ` made).
+
+    ``torch.utils.checkpoint`` (non-reentrant) runs each checkpointed forward under saved-tensor
+    hooks and, in the backward, the forward again, in Python; under ``selective`` a
+    ``TorchDispatchMode`` also asks the policy about every aten op and caches or replays its output
+    (:mod:`trainplan.runtime.recompute`). On a CPU at small sizes that machinery, not the recomputed
+    arithmetic, dominates: for the catalogue GPT, selective recomputation measured slower than full.
+    Timed here on the generic network (:class:`~trainplan.runtime.op_bench._SyntheticBlock` ×
+    :data:`RECOMPUTE_BLOCKS`, at the first in-situ size) with the runtime's own
+    :func:`~trainplan.runtime.recompute.apply_recompute` under each policy and without, as
+    ``(t_policy − t_none − recomputed) / operators``, where ``recomputed`` is the table's forward of
+    what the policy recomputes (every operator under ``full``, :data:`SELECTIVE_RECOMPUTED` under
+    ``selective``) and ``operators`` counts the traced calls the planner counts (module calls aside).
+    """
+    from trainplan.runtime.op_bench import IN_SITU_SIZES, _act, _predicted, _synthetic_ops, _sync
+    from trainplan.runtime.recompute import apply_recompute
+
+    tokens, width = IN_SITU_SIZES[0]
+    ops = [op for op in _synthetic_ops(tokens, width) * RECOMPUTE_BLOCKS if op[0] != "module_call"]
+    x = _act((1, tokens, width), device, dtype)
+    times: dict[str, tuple[float, float]] = {}
+    for mode in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[_SyntheticBlock(width) for _ in range(RECOMPUTE_BLOCKS)]).to(device=device, dtype=dtype)
+        apply_recompute(model, mode, [str(i) for i in range(RECOMPUTE_BLOCKS)])  # type: ignore[arg-type]
+
+        def once() -> tuple[float, float]:
+            _sync(device)
+            t0 = time.perf_counter()
+            y = model(x)
+            _sync(device)
+            t1 = time.perf_counter()
+            y.backward(torch.ones_like(y))
+            _sync(device)
+            return t1 - t0, time.perf_counter() - t1
+
+        once(), once()
+        best = [math.inf, math.inf]
+        for _ in range(rounds):
+            runs = [once() for _ in range(repeats)]
+            best = [min(b, statistics.median(r[k] for r in runs)) for k, b in enumerate(best)]
+        times[mode] = (best[0], best[1])
+    redo = {"full": ops, "selective": [op for op in ops if op[0] in SELECTIVE_RECOMPUTED]}
+    out = {}
+    for mode in ("full", "selective"):
+        recomputed = sum(_predicted(table, redo[mode], "fwd"))
+        out[mode] = [max(0.0, (times[mode][0] - times["none"][0]) / len(ops)),
+                     max(0.0, (times[mode][1] - times["none"][1] - recomputed) / len(ops))]
+    return out

@@ -45,8 +45,15 @@ def slowest_op_timings(per_rank: Sequence[dict[str, list[list[Any]]]]) -> dict[s
 
 def op_table(m: Measurement, dtype: str) -> dict[str, dict[str, float]]:
     """The per-operator table of ``dtype``: the fits of the probes (:func:`fit_op_costs`), their fixed
-    costs scaled by the in-situ factors measured on a generic network (:func:`apply_in_situ`)."""
-    return apply_in_situ(fit_op_costs(list(m.ops[dtype])), m.in_situ.get(dtype, {}))
+    costs scaled by the in-situ factors measured on a generic network (:func:`apply_in_situ`), and
+    ``recompute:full`` / ``recompute:selective``: the checkpointing machinery's forward and backward
+    seconds per traced operator of a recomputed block (:func:`calibrate_framework.recompute_overhead`),
+    as fixed costs."""
+    table = apply_in_situ(fit_op_costs(list(m.ops[dtype])), m.in_situ.get(dtype, {}))
+    for mode, (fwd, bwd) in sorted(m.recompute.get(dtype, {}).items()):
+        table[f"recompute:{mode}"] = {"per": "element", "fwd_fixed_s": fwd, "fwd_per_unit_s": 0.0,
+                                      "bwd_fixed_s": bwd, "bwd_per_unit_s": 0.0}
+    return table
 
 
 def slowest_tp_overhead(per_rank: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
