@@ -93,53 +93,63 @@ def fsdp_unit_overhead(ctx: WorkerContext, steps: int = 10) -> float:
     return max(0.0, (t_fsdp - t_plain - FSDP_UNITS * (2 * gather + scatter)) / FSDP_UNITS)
 
 
-LOCKSTEP_STEPS = 12  # synthetic training steps per phase of :func:`lockstep_share`
+LOCKSTEP_STEPS = 16  # synthetic training steps per phase of :func:`lockstep_share`
+LOCKSTEP_ROUNDS = 5  # rounds of (alone, together, collectives alone); the median round's share is kept
 
 
 def lockstep_share(ctx: WorkerContext) -> float | None:
     """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep.
 
-    Rank 0 first runs a synthetic training step (forward and backward of a generic 4-layer network,
-    :class:`trainplan.runtime.op_bench._SyntheticBlock`, a few ms of work) alone while the others
-    wait; then every rank runs the same steps, each followed by a small all-reduce, as data-parallel
-    training does; then the all-reduces alone. ``share = t_solo / (t_lockstep − t_allreduce)`` on
-    rank 0 (``None`` elsewhere). Where the workers outnumber the cores this is well below
-    ``cores / workers``: a worker that reaches the collective first waits, descheduled, for the
-    slowest, and the step runs at the pace of the worst-served worker (4 workers on 2 cores:
-    about 0.25-0.35, not 0.5). The planner divides the measured operator costs by it
-    (``device.compute_share``).
+    A synthetic data-parallel step: forward and backward of a generic 4-layer network
+    (:class:`trainplan.runtime.op_bench._SyntheticBlock`, a few ms of work), an all-reduce of its
+    gradients' size (DDP's), an Adam update and an all-gather of two numbers per rank (the runtime's
+    per-step loss and memory report). Rank 0 first runs the compute alone while the others wait;
+    then every rank runs whole steps; then the collectives alone.
+    ``share = t_solo / (t_lockstep − t_collectives)`` on rank 0 (``None`` elsewhere), the median of
+    :data:`LOCKSTEP_ROUNDS` rounds. Where the workers outnumber the cores this is well below
+    ``cores / workers``: a worker that reaches a collective first waits, descheduled, for the
+    slowest, the step runs at the pace of the worst-served worker, and gloo reduces the gradients
+    on the same cores (4 workers on 2 cores: about 0.25-0.4, not 0.5). The planner divides the
+    measured operator costs by it (``device.compute_share``).
     """
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[_SyntheticBlock(128) for _ in range(4)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     x = torch.randn(1, 256, 128)
-    flag = torch.zeros(1)
+    grads = torch.zeros(sum(p.numel() for p in model.parameters()))
+    mine, everyone = torch.zeros(2), torch.zeros(2 * ctx.world_size)
+
+    def compute() -> None:
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def collectives() -> None:
+        dist.all_reduce(grads)
+        dist.all_gather_into_tensor(everyone, mine)
 
     def step() -> None:
-        y = model(x)
-        y.sum().backward()
+        model(x).sum().backward()
+        dist.all_reduce(grads)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dist.all_gather_into_tensor(everyone, mine)
+
+    def timed(fn: Callable[[], None]) -> float:
+        barrier(ctx)
+        start = time.perf_counter()
+        for _ in range(LOCKSTEP_STEPS):
+            fn()
+        return (time.perf_counter() - start) / LOCKSTEP_STEPS
 
     for _ in range(2):
         step()
-    solo = None
-    if ctx.rank == 0:
-        start = time.perf_counter()
-        for _ in range(LOCKSTEP_STEPS):
-            step()
-        solo = (time.perf_counter() - start) / LOCKSTEP_STEPS
-    barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(LOCKSTEP_STEPS):
-        step()
-        dist.all_reduce(flag)
-    together = (time.perf_counter() - start) / LOCKSTEP_STEPS
-    barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(LOCKSTEP_STEPS):
-        dist.all_reduce(flag)
-    collective = (time.perf_counter() - start) / LOCKSTEP_STEPS
-    if solo is None:
-        return None
-    return min(1.0, solo / max(together - collective, solo))
+    shares = []
+    for _ in range(LOCKSTEP_ROUNDS):
+        solo = timed(compute) if ctx.rank == 0 else timed(lambda: None)
+        together, alone = timed(step), timed(collectives)
+        shares.append(min(1.0, solo / max(together - alone, solo)))
+    return statistics.median(shares) if ctx.rank == 0 else None
 
 
 TP_DEGREE = 2  # tensor-parallel group size of :func:`tp_overhead` (pairs of ranks)
