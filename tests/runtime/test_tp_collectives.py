@@ -36,9 +36,14 @@ def _gloo_calls(prof: profile) -> dict[str, int]:
 
 
 def collectives_worker(ctx: WorkerContext) -> dict[str, Any]:
+    """Every case of ``ctx.config["cases"]`` (``[model, sequence_parallel]``) in one process group."""
+    mesh = init_device_mesh("cpu", (2,))
+    return {f"{model}-{sp}": _collectives(model, sp, mesh) for model, sp in ctx.config["cases"]}
+
+
+def _collectives(model_name: str, sequence_parallel: bool, mesh: Any) -> dict[str, dict[str, int]]:
     """Collectives gloo runs in one forward and one backward of a 2-layer catalogue model at tp=2,
     with the planner's styles."""
-    model_name, sequence_parallel = ctx.config["model"], ctx.config["sp"]
     data = gpt_spec(2, layers=LAYERS)
     if model_name == "llama":
         data["model"] = {"catalogue": "llama", "args": {"layers": LAYERS, "hidden": 32, "heads": 4, "kv_heads": 2,
@@ -48,7 +53,6 @@ def collectives_worker(ctx: WorkerContext) -> dict[str, Any]:
     init_parameters(model, 0)
     styles = model_tp_styles(None, {name for name, _ in model.named_modules()}, gated_mlp=model_name == "llama")
     resolved = resolve_styles(model, styles)  # type: ignore[arg-type]
-    mesh = init_device_mesh("cpu", (2,))
     parallelize_module(model, mesh, parallel_plan(model, resolved, built.task, sequence_parallel=sequence_parallel,
                                                   blocks=block_paths(model)))
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -61,27 +65,31 @@ def collectives_worker(ctx: WorkerContext) -> dict[str, Any]:
     return {"forward": _gloo_calls(forward), "backward": _gloo_calls(backward)}
 
 
-def _run(model: str, sp: bool) -> dict[str, dict[str, int]]:
+CASES = [["gpt", False], ["llama", False], ["gpt", True]]
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict[str, dict[str, dict[str, int]]]:
     results = run_local_workers("tests.runtime.test_tp_collectives:collectives_worker", 2, backend="gloo",
-                                config={"model": model, "sp": sp}, threads=1, timeout_s=120)
+                                config={"cases": CASES}, threads=1, timeout_s=180)
     assert results[0] == results[1]
     return results[0]
 
 
 @pytest.mark.parametrize("model", ["gpt", "llama"])
-def test_one_input_gradient_reduction_per_sublayer(model: str) -> None:
-    counts = _run(model, sp=False)
-    print(model, counts)
+def test_one_input_gradient_reduction_per_sublayer(model: str, counts: dict) -> None:
+    run = counts[f"{model}-False"]
+    print(model, run)
     # Backward: each layer's attention and MLP input gradient (q/k/v, gate/up share one), and the
     # head's input gradient (Shoeybi et al. 2019, Sec. 3, the f operator).
-    assert counts["backward"].get("all_reduce", 0) == 2 * LAYERS + 1
+    assert run["backward"].get("all_reduce", 0) == 2 * LAYERS + 1
 
 
-def test_sequence_parallel_reduces_each_sublayer_input_gradient_once() -> None:
-    counts = _run("gpt", sp=True)
-    print(counts)
+def test_sequence_parallel_reduces_each_sublayer_input_gradient_once(counts: dict) -> None:
+    run = counts["gpt-True"]
+    print(run)
     # Korthikanti et al. 2022, Sec. 4.2.2: an all-gather of the sequence in front of each attention,
     # MLP and the head; backward, one reduce-scatter of each of their input gradients (gloo runs a
     # reduce-scatter as an all-reduce).
-    assert counts["forward"].get("all_gather", 0) == 2 * LAYERS + 1
-    assert counts["backward"].get("all_reduce", 0) == 2 * LAYERS + 1
+    assert run["forward"].get("all_gather", 0) == 2 * LAYERS + 1
+    assert run["backward"].get("all_reduce", 0) == 2 * LAYERS + 1
