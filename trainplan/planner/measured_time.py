@@ -1,6 +1,7 @@
 """Time terms from the cluster's measured costs (``trainplan calibrate``): a unit's compute summed
 operator by operator (plus DTensor's own work under tensor parallelism), the optimizer update per
-parameter tensor, and the runtime's per-step bookkeeping collective. Used by :mod:`trainplan.planner.evaluate`; pure arithmetic, no torch.
+parameter tensor, and the runtime's per-step bookkeeping collective. Used by
+:mod:`trainplan.planner.evaluate`; pure arithmetic, no torch.
 
 ``ctx`` is an :class:`trainplan.planner.evaluate.Context` (cluster, dtype, optimizer), ``lay`` a
 :class:`trainplan.planner.space.Layout`, ``stage`` an :class:`trainplan.planner.evaluate.StageCost`.

@@ -315,7 +315,7 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
     what the policy recomputes (every operator under ``full``, :data:`SELECTIVE_RECOMPUTED` under
     ``selective``) and ``operators`` counts the traced calls the planner counts (module calls aside).
     """
-    from trainplan.runtime.op_bench import IN_SITU_SIZES, _act, _predicted, _synthetic_ops, _sync
+    from trainplan.runtime.op_bench import IN_SITU_SIZES, _act, _predicted, _synthetic_ops, network_phases
     from trainplan.runtime.recompute import apply_recompute
 
     tokens, width = IN_SITU_SIZES[0]
@@ -327,22 +327,8 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
         model = torch.nn.Sequential(*[_SyntheticBlock(width) for _ in range(RECOMPUTE_BLOCKS)]).to(device=device, dtype=dtype)
         apply_recompute(model, mode, [str(i) for i in range(RECOMPUTE_BLOCKS)])  # type: ignore[arg-type]
 
-        def once() -> tuple[float, float]:
-            _sync(device)
-            t0 = time.perf_counter()
-            y = model(x)
-            _sync(device)
-            t1 = time.perf_counter()
-            y.backward(torch.ones_like(y))
-            _sync(device)
-            return t1 - t0, time.perf_counter() - t1
-
-        once(), once()
-        best = [math.inf, math.inf]
-        for _ in range(rounds):
-            runs = [once() for _ in range(repeats)]
-            best = [min(b, statistics.median(r[k] for r in runs)) for k, b in enumerate(best)]
-        times[mode] = (best[0], best[1])
+        fwd, bwd = network_phases(model, x, device, rounds=rounds, repeats=repeats)
+        times[mode] = (fwd, bwd)
     redo = {"full": ops, "selective": [op for op in ops if op[0] in SELECTIVE_RECOMPUTED]}
     out = {}
     for mode in ("full", "selective"):

@@ -426,6 +426,36 @@ def _solve_factors(fixed: tuple[float, float], per_unit: tuple[float, float], me
     return a, b
 
 
+def network_phases(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                   opt: torch.optim.Optimizer | None = None, *, rounds: int, repeats: int) -> list[float]:
+    """Seconds of ``model``'s forward on ``x``, its backward (of ``ones``) and, with ``opt``, the update
+    after it: per phase the smallest over ``rounds`` of the median of ``repeats`` calls, after two
+    warm-up calls."""
+
+    def once() -> list[float]:
+        _sync(device)
+        t0 = time.perf_counter()
+        y = model(x)
+        _sync(device)
+        t1 = time.perf_counter()
+        y.backward(torch.ones_like(y))
+        _sync(device)
+        t2 = time.perf_counter()
+        if opt is None:
+            return [t1 - t0, t2 - t1]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return [t1 - t0, t2 - t1, time.perf_counter() - t2]
+
+    once(), once()
+    best = [math.inf] * (2 if opt is None else 3)
+    for _ in range(rounds):
+        runs = [once() for _ in range(repeats)]
+        best = [min(b, statistics.median(r[k] for r in runs)) for k, b in enumerate(best)]
+    return best
+
+
 def in_situ_factors(fits: dict[str, dict[str, float]], device: torch.device, dtype: torch.dtype, *,
                     blocks: int = 4, rounds: int = 3, repeats: int = 7) -> InSitu:
     """Factors by which the table's fixed and per-unit costs grow inside a network, per direction.
@@ -456,25 +486,7 @@ def in_situ_factors(fits: dict[str, dict[str, float]], device: torch.device, dty
         adam = fits.get("optimizer:adam", {"fwd_fixed_s": 0.0, "fwd_per_unit_s": 0.0})
         parts["optimizer"].append((len(params) * adam["fwd_fixed_s"], sum(p.numel() for p in params) * adam["fwd_per_unit_s"]))
 
-        def once() -> tuple[float, float, float]:
-            _sync(device)
-            t0 = time.perf_counter()
-            y = model(x)
-            _sync(device)
-            t1 = time.perf_counter()
-            y.backward(torch.ones_like(y))
-            _sync(device)
-            t2 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            return t1 - t0, t2 - t1, time.perf_counter() - t2
-
-        once(), once()
-        best = [math.inf] * 3
-        for _ in range(rounds):
-            runs = [once() for _ in range(repeats)]
-            best = [min(b, statistics.median(r[k] for r in runs)) for k, b in enumerate(best)]
+        best = network_phases(model, x, device, opt, rounds=rounds, repeats=repeats)
         for k, direction in enumerate(("fwd", "bwd", "optimizer")):
             measured[direction].append(best[k])
     out = {}
