@@ -3,12 +3,14 @@ input gradient per layer, not one per projection (``runtime.tensor_parallel.Shar
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.profiler import profile
 
 from tests.runtime.plans import gpt_spec
@@ -19,7 +21,7 @@ from trainplan.planner.build_plan import model_tp_styles
 from trainplan.runtime.local_workers import WorkerContext, run_local_workers
 from trainplan.runtime.materialize import build_meta_model
 from trainplan.runtime.structure import block_paths
-from trainplan.runtime.tensor_parallel import loss_context, parallel_plan, resolve_styles
+from trainplan.runtime.tensor_parallel import SharedInput, loss_context, parallel_plan, resolve_styles
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +38,44 @@ def _gloo_calls(prof: profile) -> dict[str, int]:
 
 
 def collectives_worker(ctx: WorkerContext) -> dict[str, Any]:
-    """Every case of ``ctx.config["cases"]`` (``[model, sequence_parallel]``) in one process group."""
+    """Every case of ``ctx.config["cases"]`` (``[model, sequence_parallel]``) in one process group,
+    and the gated sub-layer that reads its own input (:func:`_gated_residual`)."""
     mesh = init_device_mesh("cpu", (2,))
-    return {f"{model}-{sp}": _collectives(model, sp, mesh) for model, sp in ctx.config["cases"]}
+    out: dict[str, Any] = {f"{model}-{sp}": _collectives(model, sp, mesh) for model, sp in ctx.config["cases"]}
+    out["gated-residual"] = _gated_residual(mesh)
+    return out
+
+
+class GatedResidual(torch.nn.Module):
+    """A sub-layer whose own code also uses its input: ``x + o(a(x) * b(x))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.o = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.o(self.a(x) * self.b(x))
+
+
+def _gated_residual(mesh: Any) -> dict[str, Any]:
+    """The sub-layer at tp=2 with a shared input for ``a`` and ``b`` against the same module whole: the
+    output and the input's gradient (a plain tensor, as the module's caller holds it)."""
+    torch.manual_seed(0)
+    whole = torch.nn.Sequential(GatedResidual())
+    sharded = copy.deepcopy(whole)
+    parallelize_module(sharded, mesh, {"0.a": ColwiseParallel(), "0.b": ColwiseParallel(), "0.o": RowwiseParallel(),
+                                       "0": SharedInput(Replicate(), ["a", "b"])})
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    outputs, grads = [], []
+    with profile() as prof:
+        for model in (whole, sharded):
+            leaf = x.clone().requires_grad_(True)
+            y = model(leaf)
+            (y * y).sum().backward()
+            outputs.append(y.detach())
+            grads.append(leaf.grad)
+    return {"output_diff": float((outputs[0] - outputs[1]).abs().max()),
+            "grad_diff": float((grads[0] - grads[1]).abs().max()), "collectives": _gloo_calls(prof)}
 
 
 def _collectives(model_name: str, sequence_parallel: bool, mesh: Any) -> dict[str, dict[str, int]]:
@@ -93,3 +130,11 @@ def test_sequence_parallel_reduces_each_sublayer_input_gradient_once(counts: dic
     # reduce-scatter as an all-reduce).
     assert run["forward"].get("all_gather", 0) == 2 * LAYERS + 1
     assert run["backward"].get("all_reduce", 0) == 2 * LAYERS + 1
+
+
+def test_a_sub_layer_that_also_reads_its_input_keeps_a_plain_tensor_and_exact_gradients(counts: dict) -> None:
+    run = counts["gated-residual"]
+    # the residual sum inside the module ran on its plain input; a and b's input gradients were
+    # reduced once (forward: the row-parallel sum; backward: the shared input's gradient)
+    assert run["output_diff"] < 1e-6 and run["grad_diff"] < 1e-6
+    assert run["collectives"] == {"all_reduce": 2}

@@ -37,8 +37,9 @@ in front of an attention's q/k/v or a gated MLP's gate/up projections, not once 
 DTensor's ``ColwiseParallel`` on a plain tensor input makes its own replicated DTensor, whose
 backward all-reduces that projection's input gradient alone: three all-reduces for q, k, v. So the
 parent of two or more column-parallel layers (and, under sequence parallelism, of any) hands them
-one DTensor (:class:`SharedInput`); their input gradients add up as partial sums and are reduced
-once — an all-reduce, or under sequence parallelism one reduce-scatter.
+one DTensor (:class:`SharedInput`, the parent's own code still sees a plain tensor); their input
+gradients add up as partial sums and are reduced once — an all-reduce, or under sequence
+parallelism one reduce-scatter.
 """
 
 from __future__ import annotations
@@ -184,52 +185,75 @@ def parallel_plan(
     if sequence_parallel:
         plan.update(_sequence_parallel_plan(model, styles, task, blocks))
     else:
-        for parent in _column_parents(model, styles, task, minimum=2):
-            plan.setdefault(parent, SharedInput(Replicate()))
+        for parent, children in _column_parents(model, styles, task).items():
+            if len(children) > 1 and parent and parent not in blocks:  # a block's residual stream stays local
+                plan.setdefault(parent, SharedInput(Replicate(), children))
     return plan
 
 
-def _column_parents(model: nn.Module, styles: dict[str, TPStyle], task: TaskSpec, minimum: int = 1) -> list[str]:
-    """Parents (``''`` for the root) of at least ``minimum`` column-parallel layers other than the head."""
-    count: dict[str, int] = {}
+def _column_parents(model: nn.Module, styles: dict[str, TPStyle], task: TaskSpec) -> dict[str, list[str]]:
+    """Parents (``''`` for the root) of column-parallel layers other than the head, with those layers'
+    names relative to the parent."""
+    children: dict[str, list[str]] = {}
     for path, style in styles.items():
         if style in COLUMN_STYLES and not is_head(model.get_submodule(path), task):
-            parent = path.rpartition(".")[0]
-            count[parent] = count.get(parent, 0) + 1
-    return [parent for parent, n in count.items() if n >= minimum]
+            parent, _, name = path.rpartition(".")
+            children.setdefault(parent, []).append(name)
+    return children
 
 
 class SharedInput(ParallelStyle):
-    """A module's input as one DTensor (``layout`` on entry, replicated inside) for the column-parallel
-    layers it calls, so that their input gradients add up as partial sums and are reduced once on
-    the way out (Megatron-LM's ``f``, Shoeybi et al. 2019, Sec. 3, Fig. 3): one all-reduce — or,
+    """One DTensor (``layout`` on entry, replicated) for all the column-parallel layers ``children`` of
+    a module read from its input, so that their input gradients add up as partial sums and are
+    reduced once (Megatron-LM's ``f``, Shoeybi et al. 2019, Sec. 3, Fig. 3): one all-reduce — or,
     from a sequence-split input (Korthikanti et al. 2022, Sec. 4.2.2), one all-gather forward and
     one reduce-scatter backward — in place of one all-reduce per projection.
 
-    The input is the first positional argument, else the ``hidden_states`` keyword (transformers'
-    attention); a call with neither is left as it is (each projection then reduces its own).
+    The module itself keeps a plain tensor: its input as it was, or from a sequence-split input the
+    gathered sequence (``to_local`` of the shared DTensor), so whatever else its code does with it
+    (shapes, a residual sum inside) runs on a local tensor as before; a child called with exactly
+    that tensor gets the shared DTensor instead (a forward pre-hook that runs before the child's
+    ``ColwiseParallel`` one). The input is the first positional argument, else the
+    ``hidden_states`` keyword (transformers' attention); a call with neither is left as it is (each
+    projection then reduces its own).
     """
 
-    def __init__(self, layout: Placement) -> None:
+    def __init__(self, layout: Placement, children: list[str]) -> None:
         super().__init__()
-        self.layout = layout
+        self.layout, self.children = layout, list(children)
+        self._current: tuple[torch.Tensor, DTensor] | None = None  # (the tensor the module sees, its DTensor)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        module.register_forward_pre_hook(partial(self._prepare, device_mesh), with_kwargs=True)
+        module.register_forward_pre_hook(partial(self._enter, device_mesh), with_kwargs=True)
+        module.register_forward_hook(self._leave)
+        for name in self.children:
+            module.get_submodule(name).register_forward_pre_hook(self._child, prepend=True)
         return module
 
-    def _shared(self, mesh: DeviceMesh, x: object) -> object:
-        if not isinstance(x, torch.Tensor):
+    def _share(self, mesh: DeviceMesh, x: object) -> object:
+        """The tensor the module sees in place of ``x``; remembers the DTensor its children get."""
+        if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
             return x
-        if not isinstance(x, DTensor):
-            x = DTensor.from_local(x, mesh, (self.layout,), run_check=False)
-        return x if x.placements == (Replicate(),) else x.redistribute(mesh, (Replicate(),))
+        shared = DTensor.from_local(x, mesh, (self.layout,), run_check=False)
+        if shared.placements != (Replicate(),):
+            shared = shared.redistribute(mesh, (Replicate(),))
+            x = shared.to_local()
+        self._current = (x, shared)
+        return x
 
-    def _prepare(self, mesh: DeviceMesh, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _enter(self, mesh: DeviceMesh, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
-            return (self._shared(mesh, args[0]), *args[1:]), kwargs
+            return (self._share(mesh, args[0]), *args[1:]), kwargs
         if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": self._shared(mesh, kwargs["hidden_states"])}
+            return args, {**kwargs, "hidden_states": self._share(mesh, kwargs["hidden_states"])}
+        return None
+
+    def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._current = None
+
+    def _child(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._current is not None and args and args[0] is self._current[0]:
+            return (self._current[1], *args[1:])
         return None
 
 
@@ -247,14 +271,14 @@ def _sequence_parallel_plan(
         entry: PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(SEQ,), use_local_output=True)
     }
     plan.update({norm: SequenceParallel(use_local_output=True) for norm in norms})
-    for parent in _column_parents(model, styles, task):
+    for parent, children in _column_parents(model, styles, task).items():
         if not parent or parent in blocks:
-            child = next(p for p, s in styles.items() if s in COLUMN_STYLES and p.rpartition(".")[0] == parent)
+            child = f"{parent}.{children[0]}" if parent else children[0]
             raise PlanExecutionError(
                 f"sequence_parallel: column-parallel {child!r} must sit in a sub-module of its block (an attention "
                 "or MLP module) that can gather the sequence; this layout cannot use sequence parallelism"
             )
-        plan[parent] = SharedInput(SEQ)
+        plan[parent] = SharedInput(SEQ, children)
     return plan
 
 
