@@ -43,6 +43,33 @@ def test_reduce_scatter_plus_all_gather_is_a_ring_allreduce() -> None:
     assert cm.reduce_scatter_time_s(s, n, IB) == pytest.approx(7 / 8 * s / 25e9 + 7 * 10e-6)
 
 
+@settings(max_examples=60, deadline=None)
+@given(s=st.floats(0, 1e10), n=st.integers(2, 512), ag=st.floats(0, 1e-2), rs=st.floats(0, 1e-2))
+def test_native_collectives_pay_their_measured_latency(s: float, n: int, ag: float, rs: float) -> None:
+    """torch.distributed's own all-gather / reduce-scatter pay the link's measured per-collective latency
+    (gloo's reduce-scatter costs about an all-reduce); trainplan's point-to-point rings (``native=False``,
+    the hierarchical all-reduce's phases) and a link without the figures pay its ``latency``."""
+    measured = cm.LinkCost(NVLINK.bandwidth, NVLINK.latency, "intra", ag, rs)
+    volume = (n - 1) / n * s / NVLINK.bandwidth
+    assert cm.all_gather_time_s(s, n, measured) == pytest.approx(volume + (n - 1) * ag)
+    assert cm.reduce_scatter_time_s(s, n, measured) == pytest.approx(volume + (n - 1) * rs)
+    for native in (True, False):
+        assert cm.all_gather_time_s(s, n, NVLINK, native=native) == pytest.approx(volume + (n - 1) * NVLINK.latency)
+    assert cm.reduce_scatter_time_s(s, n, measured, native=False) == cm.reduce_scatter_time_s(s, n, NVLINK)
+    assert cm.hierarchical_allreduce_time_s(s, n, 2, measured, IB) == cm.hierarchical_allreduce_time_s(s, n, 2, NVLINK, IB)
+    rings = cm.zero3_comm_time_s(s, s, n, measured, 2, collectives=3, native_scatter=False)
+    assert rings[0] == pytest.approx(3 * cm.reduce_scatter_time_s(s / 3, n, NVLINK))
+    assert rings[1] == pytest.approx(2 * 2 * 3 * cm.all_gather_time_s(s / 3, n, measured))
+
+
+def test_group_link_carries_the_measured_collective_latencies() -> None:
+    c = DGX4.model_copy(update={"inter_node": DGX4.inter_node.model_copy(update={"reduce_scatter_latency": 1e-3})})
+    inter, intra = cm.group_link(c, 32, 1), cm.group_link(c, 8, 1)
+    assert (inter.level, inter.reduce_scatter_latency, inter.all_gather_latency) == ("inter", 1e-3, None)
+    assert (intra.level, intra.reduce_scatter_latency) == ("intra", None)
+    assert cm.reduce_scatter_time_s(1e6, 32, inter) > cm.reduce_scatter_time_s(1e6, 32, cm.group_link(DGX4, 32, 1))
+
+
 def test_p2p() -> None:
     assert cm.p2p_time_s(25e9, IB) == pytest.approx(1.0 + 10e-6)
     with pytest.raises(ValueError, match="non-negative"):

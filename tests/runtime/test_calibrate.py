@@ -33,6 +33,8 @@ from trainplan.runtime.calibrate import (
     copy_bandwidth,
     cluster_from_measurement,
     fit_alpha_beta,
+    latency_of,
+    native_collective_latency,
     gemm_efficiency,
     link_from_allreduce,
     link_from_p2p,
@@ -225,6 +227,46 @@ def test_the_link_reproduces_the_measured_all_reduce_in_the_cost_models_ring(n: 
     assert link["latency"] == pytest.approx(alpha, rel=1e-3) and link["bandwidth"] == pytest.approx(beta, rel=1e-3)
     with pytest.raises(ValueError):
         link_from_allreduce(measured, 1)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_native_collective_latency_is_the_rings_per_step_latency(n: int) -> None:
+    alpha, beta = 1.2e-3, 0.9e9  # gloo's reduce-scatter here: about a whole all-reduce's latency
+    measured = [(s, (n - 1) * alpha + (n - 1) / n * s / beta) for s in SIZES]
+    assert native_collective_latency(measured, n) == pytest.approx(alpha, rel=1e-3)
+    flat = [(s, 3e-3) for s in SIZES[:4]]  # latency-bound over the whole range: the fastest time bounds it
+    assert native_collective_latency(flat, n) == pytest.approx(3e-3 / (n - 1), rel=1e-3)
+    with pytest.raises(ValueError):
+        native_collective_latency(measured, 1)
+
+
+def test_calibrated_links_carry_fsdps_collectives_as_a_step_pays_them() -> None:
+    """Alone, the all-gather / reduce-scatter timings give the link per-collective latencies; where the
+    FSDP2 probe ran, the latencies reproduce its in-step all-gather and reduce-scatter of a unit in the
+    planner's ring model instead, and its hooks become ``fsdp_unit_overhead`` at full speed (x share)."""
+    from trainplan.planner.cost import comm
+
+    n, alpha_ag, alpha_rs, beta = 4, 0.5e-3, 1.5e-3, 1e9
+    ag = tuple((s, (n - 1) * alpha_ag + (n - 1) / n * s / beta) for s in SIZES)
+    rs = tuple((s, (n - 1) * alpha_rs + (n - 1) / n * s / beta) for s in SIZES)
+    alone = dataclasses.replace(measurement(nproc=n), all_gather=ag, reduce_scatter=rs, compute_share=0.4,
+                                allreduce=tuple((s, 2 * (n - 1) * 0.7e-3 + 2 * (n - 1) / n * s / beta) for s in SIZES))
+    c = cluster_from_measurement(alone, base="cpu-local")
+    assert c.intra_node.all_gather_latency == pytest.approx(alpha_ag, rel=1e-3)
+    assert c.intra_node.reduce_scatter_latency == pytest.approx(alpha_rs, rel=1e-3)
+    assert c.intra_node.latency == pytest.approx(0.7e-3, rel=1e-3) and c.inter_node == c.intra_node
+    assert c.device.fsdp_unit_overhead == 0.0  # not measured: the presets' 0
+
+    unit = {"gather_s": 4.6e-3, "scatter_s": 7.4e-3, "hooks_s": 1e-3, "unit_bytes": 66816.0}
+    c = cluster_from_measurement(dataclasses.replace(alone, fsdp_unit=unit), base="cpu-local")
+    link = comm.group_link(c, n, 1)
+    assert comm.all_gather_time_s(unit["unit_bytes"], n, link) == pytest.approx(unit["gather_s"], rel=1e-3)
+    assert comm.reduce_scatter_time_s(unit["unit_bytes"], n, link) == pytest.approx(unit["scatter_s"], rel=1e-3)
+    assert c.inter_node == c.intra_node and c.intra_node.latency == pytest.approx(0.7e-3, rel=1e-3)
+    assert c.device.fsdp_unit_overhead == pytest.approx(1e-3 * 0.4, rel=1e-3)
+    assert latency_of(1e-6, unit["unit_bytes"], n, beta) == 0.0  # faster than the bytes alone: no latency
+    with pytest.raises(ValueError):
+        latency_of(1e-3, 1.0, 1, beta)
 
 
 def test_single_process_takes_links_from_the_base_or_says_how() -> None:

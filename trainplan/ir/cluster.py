@@ -143,6 +143,19 @@ class Link(Strict):
         description="Bytes/s per device per direction: '300 GB/s' or '200 Gb/s'."
     )
     latency: Seconds = Field(description="Per-message latency (alpha), e.g. '5 us'.")
+    all_gather_latency: Seconds | None = Field(
+        None,
+        description="Per ring step latency of torch.distributed's all-gather (FSDP2's parameter gathers, "
+        "DTensor, the per-step loss report) where it differs from `latency`; `trainplan calibrate` "
+        "measures it (on CPU workers inside FSDP2 training steps, with every process computing). "
+        "Empty: `latency`.",
+    )
+    reduce_scatter_latency: Seconds | None = Field(
+        None,
+        description="Per ring step latency of torch.distributed's reduce-scatter (FSDP2's gradient "
+        "reduction, sequence parallelism) where it differs from `latency`; `trainplan calibrate` measures "
+        "it like `all_gather_latency` (gloo's costs about a whole all-reduce). Empty: `latency`.",
+    )
 
     @model_validator(mode="after")
     def _positive(self) -> "Link":

@@ -482,7 +482,8 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
         grad = params * ctx.grad_bytes
         if lay.zero in (2, 3):  # FSDP2 (trainplan.runtime.data_parallel): ring collectives, one per unit
             ar, gather = cost.zero3_comm_time_s(params * ctx.element_bytes, grad, lay.dp, link, lay.num_microbatches,
-                                                collectives=k, gathers_per_microbatch=2 if lay.zero == 3 else 1)
+                                                collectives=k, gathers_per_microbatch=2 if lay.zero == 3 else 1,
+                                                native_scatter=algo != "ring")
             # FSDP2's own work around them per unit and micro-batch (calibrated; 0 in the presets)
             gather += k * lay.num_microbatches * ctx.cluster.device.fsdp_unit_overhead / ctx.cluster.device.compute_share
         else:

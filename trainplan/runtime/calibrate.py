@@ -49,8 +49,10 @@ from trainplan.runtime.calibrate_links import (  # noqa: F401 - re-exported: cal
     bus_bandwidth,
     copy_bandwidth,
     fit_alpha_beta,
+    latency_of,
     link_from_allreduce,
     link_from_p2p,
+    native_collective_latency,
 )
 from trainplan.runtime.calibrate_links import round_significant as _sig
 from trainplan.runtime.calibrate_ops import compute_share, measured_share, op_table, slowest_op_timings  # noqa: F401 - compute_share re-exported
@@ -287,8 +289,10 @@ class Measurement:
     in_situ: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, op_bench.in_situ_factors (rank 0)
     recompute: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, calibrate_framework.recompute_overhead (rank 0)
     compute_share: float = 1.0  # fraction of its speed a worker keeps while all compute (CPU processes sharing cores)
-    fsdp_unit_overhead: float | None = None  # FSDP2's own seconds per unit and micro-batch (slowest rank; None: not measured)
+    fsdp_unit: dict[str, float] | None = None  # calibrate_framework.fsdp_unit_time, slowest rank per figure (None: not measured)
     tp_overhead: dict[str, Any] | None = None  # calibrate_framework.tp_overhead, slowest rank per figure (None: not measured)
+    all_gather: tuple[tuple[int, float], ...] = ()  # (full buffer bytes, seconds) of all_gather_into_tensor, rank 0
+    reduce_scatter: tuple[tuple[int, float], ...] = ()  # the same of reduce_scatter_tensor
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -339,6 +343,8 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         gemms=tuple(slowest_rank(per_rank)),
         p2p=tuple((int(n), float(s)) for n, s in results[0].get("p2p", [])),
         allreduce=tuple((int(n), float(s)) for n, s in results[0].get("allreduce", [])),
+        all_gather=tuple((int(n), float(s)) for n, s in results[0].get("all_gather", [])),
+        reduce_scatter=tuple((int(n), float(s)) for n, s in results[0].get("reduce_scatter", [])),
         started_utc=started, wall_s=time.monotonic() - t0,
         memory_bandwidth=min(copy_bandwidth(*r["copy"]) for r in results) if "copy" in results[0] else None,
         kernel_launch=max(r["kernel"] for r in results) if "kernel" in results[0] else None,
@@ -347,7 +353,8 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         in_situ={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("in_situ", {}).items()},
         recompute={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("recompute", {}).items()},
         compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend),
-        fsdp_unit_overhead=max(r["fsdp_unit_overhead"] for r in results) if "fsdp_unit_overhead" in results[0] else None,
+        fsdp_unit={k: max(r["fsdp_unit"][k] for r in results) for k in results[0]["fsdp_unit"]}
+        if "fsdp_unit" in results[0] else None,
         tp_overhead=slowest_tp_overhead([r.get("tp_overhead") for r in results]))
 
 
@@ -370,9 +377,6 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
         measured["device"]["memory_bandwidth"] = _sig(m.memory_bandwidth)
     if m.kernel_launch is not None:
         measured["device"]["kernel_launch"] = _sig(m.kernel_launch)
-    if m.fsdp_unit_overhead is not None:
-        # measured with every worker at once, so already at the shared speed: undo the planner's division
-        measured["device"]["fsdp_unit_overhead"] = _sig(m.fsdp_unit_overhead * m.compute_share)
     if m.tp_overhead is not None:
         measured["device"]["tp_overhead"] = tp_overhead_fields(m.tp_overhead, m.compute_share)
     if m.ops:
@@ -382,10 +386,22 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
                                           for dtype in m.ops}
     if m.p2p:
         link = link_from_allreduce(m.allreduce, m.nproc) if m.allreduce else link_from_p2p(m.p2p)
+        for name, timings in (("all_gather", m.all_gather), ("reduce_scatter", m.reduce_scatter)):
+            if timings:
+                link[f"{name}_latency"] = native_collective_latency(timings, m.nproc)
+        if m.fsdp_unit is not None:
+            # FSDP2's collectives as a training step pays them (every worker computing) rather than alone
+            # after a barrier: the per-collective latencies that reproduce them on this link
+            for name, key in (("all_gather", "gather_s"), ("reduce_scatter", "scatter_s")):
+                link[f"{name}_latency"] = latency_of(m.fsdp_unit[key], m.fsdp_unit["unit_bytes"], m.nproc,
+                                                     link["bandwidth"])
         measured.update(intra_node=link, inter_node=dict(link))
     elif base is None:
         raise CalibrationError("one process cannot measure links; run with --nproc 2 or more, "
                                "or pass --base PRESET to take the link figures from a preset")
+    if m.fsdp_unit is not None:
+        # FSDP2's hooks, measured with every worker at once (the shared speed): undo the planner's division
+        measured["device"]["fsdp_unit_overhead"] = _sig(m.fsdp_unit["hooks_s"] * m.compute_share)
     raw = deep_merge(preset_dict(base), measured) if base else measured
     raw["device"]["peak_flops"] = {d: _sig(f) for d, f in peaks.items()}  # never keep a preset's guesses
     return Cluster.model_validate(raw)
@@ -437,6 +453,10 @@ def summary_lines(m: Measurement) -> list[str]:
         lines.append("all-reduce (rank 0), bus bandwidth = algbw * 2(n-1)/n as in nccl-tests:")
         lines += [f"  {format_bytes(n):>10}: {s * 1e6:10.1f} us  busbw {bus_bandwidth(n, s, m.nproc) / 1e9:8.3f} GB/s"
                   for n, s in m.allreduce]
+        for name, timings in (("all-gather", m.all_gather), ("reduce-scatter", m.reduce_scatter)):
+            if timings:
+                lines.append(f"{name} (rank 0), full buffer; its latency = the intercept of a least-squares line / (n-1):")
+                lines += [f"  {format_bytes(n):>10}: {s * 1e6:10.1f} us" for n, s in timings]
     if m.algorithms:
         names = list(dict.fromkeys(a for a, _, _ in m.algorithms))
         times = {(a, n): t for a, n, t in m.algorithms}
@@ -459,7 +479,10 @@ def render_yaml(cluster: Cluster, m: Measurement) -> str:
     data = cluster.model_dump(mode="json", by_alias=True, exclude_none=True)
     notes = {"intra_node": ("Bandwidth in bytes/s, latency in seconds: fitted so that the cost model's ring all-reduce "
                             "(2(n-1) latency + 2(n-1)/n bytes / bandwidth) reproduces the all-reduce above, measured with "
-                            f"every process taking part (the idle ping-pong fit would say {_p2p_text(m)})")
+                            f"every process taking part (the idle ping-pong fit would say {_p2p_text(m)}); "
+                            "all_gather_latency / reduce_scatter_latency: per ring step, torch.distributed's all-gather "
+                            "and reduce-scatter as FSDP2's training steps paid them with every process computing "
+                            "(calibrate_framework.fsdp_unit_time), or where that did not run as timed alone above")
                            if m.p2p else "Not measured (one process): taken from the base preset.",
              "inter_node": "One host: nothing between nodes was measured, so inter_node repeats intra_node. "
                            "For several hosts, write the network's figures here."}

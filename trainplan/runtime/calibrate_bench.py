@@ -25,7 +25,7 @@ import torch.distributed as dist
 from trainplan.runtime.calibrate import TORCH_DTYPE, BenchPlan, CalibrationError, Gemm
 from trainplan.runtime.calibrate_framework import (
     barrier,
-    fsdp_unit_overhead,
+    fsdp_unit_time,
     lockstep_share,
     recompute_overhead,
     tp_overhead,
@@ -132,15 +132,25 @@ def time_kernel_overhead(device: torch.device, plan: BenchPlan) -> float:
     return per_chain / (3 * n)
 
 
-def time_allreduce(nbytes: int, ctx: WorkerContext, plan: BenchPlan) -> float:
-    """Median seconds of one all-reduce of ``nbytes`` (rank 0's clock, ranks aligned by a barrier)."""
-    x = torch.zeros(nbytes // 4, dtype=torch.float32, device=ctx.device)
+COLLECTIVES = ("allreduce", "all_gather", "reduce_scatter")  # torch.distributed's own, timed at every size
+
+
+def time_collective(kind: str, nbytes: int, ctx: WorkerContext, plan: BenchPlan) -> float:
+    """Median seconds of one ``kind`` (:data:`COLLECTIVES`) of ``nbytes`` (the full buffer; rank 0's
+    clock, ranks aligned by a barrier): ``all_reduce``, ``all_gather_into_tensor`` and
+    ``reduce_scatter_tensor`` as FSDP2 and DTensor call them."""
+    n = ctx.world_size
+    full = torch.zeros(max(n, nbytes // 4) // n * n, dtype=torch.float32, device=ctx.device)
+    shard = torch.zeros(full.numel() // n, dtype=torch.float32, device=ctx.device)
+    run = {"allreduce": lambda: dist.all_reduce(full),
+           "all_gather": lambda: dist.all_gather_into_tensor(full, shard),
+           "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, full)}[kind]
     for _ in range(plan.warmup):
-        dist.all_reduce(x)
+        run()
     samples = []
     for _ in range(plan.repeats):
         barrier(ctx)
-        samples.append(_timed(lambda: dist.all_reduce(x), ctx.device))
+        samples.append(_timed(run, ctx.device))
     return statistics.median(samples)
 
 
@@ -210,10 +220,11 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
         barrier(ctx)
     if plan.op_dtypes and ctx.world_size > 1 and ctx.device.type == "cpu":
         result["lockstep_share"] = lockstep_share(ctx)
-        result["fsdp_unit_overhead"] = fsdp_unit_overhead(ctx)
+        result["fsdp_unit"] = fsdp_unit_time(ctx)
         result["tp_overhead"] = tp_overhead(ctx)
     if ctx.world_size > 1:
-        result["allreduce"] = [[n, time_allreduce(n, ctx, plan)] for n in plan.comm_sizes]
+        for kind in COLLECTIVES:
+            result[kind] = [[n, time_collective(kind, n, ctx, plan)] for n in plan.comm_sizes]
         result["p2p"] = [[n, time_pingpong(n, ctx, plan)] for n in plan.comm_sizes]
         if ctx.device.type == "cpu":  # our algorithms move CPU tensors over gloo point-to-point
             result["algorithms"] = time_algorithms(ctx, plan)

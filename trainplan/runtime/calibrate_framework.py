@@ -7,7 +7,7 @@ every rank at once, and subtracts the collectives that mechanism sends (timed al
 sizes), leaving the framework's time:
 
 * :func:`lockstep_share`: the speed a worker keeps when all train in lockstep (time-sliced cores);
-* :func:`fsdp_unit_overhead`: FSDP2's hooks and flat-buffer copies per unit and micro-batch;
+* :func:`fsdp_unit_time`: FSDP2's hooks, flat-buffer copies and collectives per unit and micro-batch;
 * :func:`tp_overhead`: DTensor around each tensor-parallel layer, the vocabulary-parallel loss,
   and the optimizer's update of each DTensor parameter;
 * :func:`recompute_overhead`: ``torch.utils.checkpoint``'s and the selective policy's own work per
@@ -42,55 +42,72 @@ def barrier(ctx: WorkerContext) -> None:
 
 
 
-FSDP_UNITS = 4  # blocks of the synthetic network sharded as FSDP2 units in :func:`fsdp_unit_overhead`
+FSDP_UNITS = 4  # blocks of the synthetic network sharded as FSDP2 units in :func:`fsdp_unit_time`
+FRAMEWORK_ROUNDS = 5  # rounds of :func:`fsdp_unit_time` and :func:`tp_overhead`; the median round is kept
 
 
-def fsdp_unit_overhead(ctx: WorkerContext, steps: int = 10) -> float:
-    """Seconds of FSDP2's own work per unit and micro-batch (forward + backward), beyond compute and
-    collectives, on this rank (every rank must call it: it shards over the whole group).
+def _timed_loop(ctx: WorkerContext, fn: Callable[[], object], steps: int) -> float:
+    """Mean seconds of ``fn`` over ``steps`` back-to-back calls, every rank starting together."""
+    barrier(ctx)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
 
-    The same synthetic network (:class:`trainplan.runtime.op_bench._SyntheticBlock` × ``FSDP_UNITS``,
-    small, so the fixed costs show) is timed plain and with every block ``fully_shard``-ed as the
-    runtime does for ZeRO-3; its collectives (one all-gather forward, one backward, one
-    reduce-scatter per unit) are timed alone at the same sizes and subtracted:
-    ``(t_fsdp − t_plain − units·(2·t_gather + t_scatter)) / units``. What is left — pre/post hooks,
-    copy-in / copy-out of the flat buffers, resharding — runs in Python on the cores the model
-    uses (on a CPU, where FSDP2 was measured at ~5 ms per unit and micro-batch with 4 workers on 2
-    cores, against ~2 ms of collectives).
+
+def fsdp_unit_time(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_ROUNDS) -> dict[str, float]:
+    """FSDP2's time per unit on this rank in a training step of one micro-batch, split into what its
+    parameter all-gather, its gradient reduce-scatter and its own work (hooks, flat-buffer copies,
+    resharding) each add: ``{"gather_s", "scatter_s", "hooks_s", "unit_bytes"}``. Every rank must call
+    it: it shards over the whole group.
+
+    The synthetic network (:class:`trainplan.runtime.op_bench._SyntheticBlock` × ``FSDP_UNITS``,
+    small, so the fixed costs show) is timed plain and ``fully_shard``-ed three ways, as the runtime
+    runs ZeRO-2/3 (:mod:`trainplan.runtime.data_parallel`): ZeRO-3 (``reshard_after_forward=True``:
+    two all-gathers and a reduce-scatter per unit), ZeRO-2 (one all-gather and a reduce-scatter) and
+    ZeRO-3 under ``set_requires_gradient_sync(False)`` (the micro-batches before the last: no
+    reduce-scatter). Per unit: ``gather = t₃ − t₂``, ``scatter = t₃ − t₃,nosync``,
+    ``hooks = t₃,nosync − t_plain − 2·gather``. Timed with every rank training at once, the
+    collectives cost what they cost inside a step — on 4 processes sharing 2 cores about 4-6 ms
+    per all-gather and 7-8 ms per reduce-scatter of a 67 kB unit, 2-3x the same collectives timed
+    alone after a barrier (the ranks reach them at different times and wait descheduled).
+    ``unit_bytes``: one unit's parameters. Each of ``rounds`` rounds times all four back to back and
+    every figure is the median over the rounds (single timings moved by 2x between calls on a
+    shared machine).
     """
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     plain = torch.nn.Sequential(*[_SyntheticBlock(64) for _ in range(FSDP_UNITS)])
-    sharded = copy.deepcopy(plain)
-    for block in sharded:
-        fully_shard(block, reshard_after_forward=True)
-    fully_shard(sharded)
+    sharded = {}
+    for zero, reshard in ((3, True), (2, False)):
+        net = copy.deepcopy(plain)
+        for block in net:
+            fully_shard(block, reshard_after_forward=reshard)
+        sharded[zero] = fully_shard(net, reshard_after_forward=reshard)
     x = torch.randn(1, 32, 64)
 
-    def timed(model: torch.nn.Module) -> float:
-        model(x).sum().backward()  # warm-up (FSDP2's lazy init)
-        barrier(ctx)
-        start = time.perf_counter()
-        for _ in range(steps):
-            model(x).sum().backward()
-        return (time.perf_counter() - start) / steps
+    def train(model: torch.nn.Module) -> Callable[[], None]:
+        return lambda: model(x).sum().backward()
 
-    t_plain, t_fsdp = timed(plain), timed(sharded)
-    numel = sum(p.numel() for p in plain[0].parameters())
-    shard = math.ceil(numel / ctx.world_size)
-    local, full = torch.zeros(shard), torch.zeros(shard * ctx.world_size)
-    barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(steps):
-        dist.all_gather_into_tensor(full, local)
-    gather = (time.perf_counter() - start) / steps
-    barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(steps):
-        dist.reduce_scatter_tensor(local, full)
-    scatter = (time.perf_counter() - start) / steps
-    return max(0.0, (t_fsdp - t_plain - FSDP_UNITS * (2 * gather + scatter)) / FSDP_UNITS)
+    def accumulate() -> None:  # a micro-batch before the last: gradients stay unsharded, no reduce-scatter
+        sharded[3].set_requires_gradient_sync(False)
+        try:
+            sharded[3](x).sum().backward()
+        finally:
+            sharded[3].set_requires_gradient_sync(True)
+
+    variants = {"plain": train(plain), "zero3": train(sharded[3]), "zero2": train(sharded[2]), "nosync": accumulate}
+    for run in variants.values():
+        run()  # warm-up (FSDP2's lazy init)
+    rows = []
+    for _ in range(rounds):
+        t = {name: _timed_loop(ctx, run, steps) / FSDP_UNITS for name, run in variants.items()}
+        gather = t["zero3"] - t["zero2"]
+        rows.append((gather, t["zero3"] - t["nosync"], t["nosync"] - t["plain"] - 2 * gather))
+    gather, scatter, hooks = (max(0.0, statistics.median(column)) for column in zip(*rows))
+    unit_bytes = sum(p.numel() * p.element_size() for p in plain[0].parameters())
+    return {"gather_s": gather, "scatter_s": scatter, "hooks_s": hooks, "unit_bytes": float(unit_bytes)}
 
 
 LOCKSTEP_STEPS = 16  # synthetic training steps per phase of :func:`lockstep_share`
@@ -223,7 +240,7 @@ def _allreduce_s(ctx: WorkerContext, numel: int, group: dist.ProcessGroup, steps
     return (time.perf_counter() - start) / steps
 
 
-def tp_overhead(ctx: WorkerContext, steps: int = 20) -> dict[str, object] | None:
+def tp_overhead(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_ROUNDS) -> dict[str, object] | None:
     """DTensor's own time under tensor parallelism, beyond compute and collectives, on this rank:
     ``{"module": [fwd, bwd], "loss": [fwd, bwd], "param_step": {optimizer: s}}``; ``None`` unless the
     group splits into pairs (an even world size).
@@ -246,7 +263,9 @@ def tp_overhead(ctx: WorkerContext, steps: int = 20) -> dict[str, object] | None
       same over the unsharded one's, per parameter tensor.
 
     Times are with every rank working at once; ``trainplan calibrate`` writes them at full speed
-    (× ``compute_share``), as the planner divides every measured compute time by it.
+    (× ``compute_share``), as the planner divides every measured compute time by it. Each of
+    ``rounds`` rounds times everything back to back and each figure is the median over the rounds
+    (one round's forward / backward split moved by 2-5x between calls on a shared machine).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
@@ -263,29 +282,31 @@ def tp_overhead(ctx: WorkerContext, steps: int = 20) -> dict[str, object] | None
     for block in sharded:
         parallelize_module(block, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
     x = torch.randn(1, TP_TOKENS, TP_WIDTH)
-    p_f, p_b = _passes(ctx, lambda: plain(x).sum(), steps)
-    s_f, s_b = _passes(ctx, lambda: sharded(x).sum(), steps)
-    activation = _allreduce_s(ctx, TP_TOKENS * TP_WIDTH, group, steps)
-    layers = 2 * TP_BLOCKS
-    module = (max(0.0, (s_f - p_f - TP_BLOCKS * activation) / layers),
-              max(0.0, (s_b - p_b - TP_BLOCKS * activation) / layers))
-
     edge_plain, edge = _Edge(TP_VOCAB // TP_DEGREE, TP_WIDTH), _Edge(TP_VOCAB, TP_WIDTH)
     parallelize_module(edge, mesh, {
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
     tokens = torch.randint(0, TP_VOCAB // TP_DEGREE, (1, TP_TOKENS))
+    layers, tensors = 2 * TP_BLOCKS, sum(1 for _ in sharded.parameters())
 
-    e_f, e_b = _passes(ctx, lambda: F.cross_entropy(edge_plain(tokens).flatten(0, 1), tokens.flatten()), steps)
-    l_f, l_b = _passes(ctx, lambda: F.cross_entropy(edge(tokens).flatten(0, 1), tokens.flatten()), steps,
-                       loss_parallel)
-    scalars = _allreduce_s(ctx, TP_TOKENS, group, steps)
-    loss = (max(0.0, l_f - e_f - activation - 3 * scalars - 2 * module[0]),
-            max(0.0, l_b - e_b - activation - 2 * module[1]))
-    tensors = sum(1 for _ in sharded.parameters())
-    param_step = {name: max(0.0, (_update(ctx, sharded, name, steps) - _update(ctx, plain, name, steps)) / tensors)
-                  for name in TP_OPTIMIZERS}
-    return {"module": list(module), "loss": list(loss), "param_step": param_step}
+    def one_round() -> list[float]:
+        p_f, p_b = _passes(ctx, lambda: plain(x).sum(), steps)
+        s_f, s_b = _passes(ctx, lambda: sharded(x).sum(), steps)
+        activation = _allreduce_s(ctx, TP_TOKENS * TP_WIDTH, group, steps)
+        module = (max(0.0, (s_f - p_f - TP_BLOCKS * activation) / layers),
+                  max(0.0, (s_b - p_b - TP_BLOCKS * activation) / layers))
+        e_f, e_b = _passes(ctx, lambda: F.cross_entropy(edge_plain(tokens).flatten(0, 1), tokens.flatten()), steps)
+        l_f, l_b = _passes(ctx, lambda: F.cross_entropy(edge(tokens).flatten(0, 1), tokens.flatten()), steps,
+                           loss_parallel)
+        scalars = _allreduce_s(ctx, TP_TOKENS, group, steps)
+        loss = (max(0.0, l_f - e_f - activation - 3 * scalars - 2 * module[0]),
+                max(0.0, l_b - e_b - activation - 2 * module[1]))
+        steps_ = [max(0.0, (_update(ctx, sharded, name, steps) - _update(ctx, plain, name, steps)) / tensors)
+                  for name in TP_OPTIMIZERS]
+        return [*module, *loss, *steps_]
+
+    figures = [statistics.median(column) for column in zip(*(one_round() for _ in range(rounds)))]
+    return {"module": figures[0:2], "loss": figures[2:4], "param_step": dict(zip(TP_OPTIMIZERS, figures[4:]))}
 
 
 # Entries of the synthetic block (:func:`trainplan.runtime.op_bench._synthetic_ops`) whose outputs the
@@ -297,7 +318,7 @@ RECOMPUTE_BLOCKS = 4
 
 
 def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device, dtype: torch.dtype, *,
-                       rounds: int = 3, repeats: int = 7) -> dict[str, list[float]]:
+                       rounds: int = FRAMEWORK_ROUNDS, repeats: int = 7) -> dict[str, list[float]]:
     """Seconds per traced operator of a checkpointed block that activation recomputation adds beyond
     the recomputed work itself, forward and backward: ``{"full": [fwd, bwd], "selective": [fwd, bwd]}``,
     on this process alone (at full speed, like the operator table ``table``, which
@@ -314,6 +335,9 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
     ``(t_policy − t_none − recomputed) / operators``, where ``recomputed`` is the table's forward of
     what the policy recomputes (every operator under ``full``, :data:`SELECTIVE_RECOMPUTED` under
     ``selective``) and ``operators`` counts the traced calls the planner counts (module calls aside).
+    The three run back to back in each of ``rounds`` rounds and each figure is the median round's:
+    timed one mode after the other, two calibrations a day apart differed by 1.7x (full, forward:
+    12 and 21 µs per operator).
     """
     from trainplan.runtime.op_bench import IN_SITU_SIZES, _act, _predicted, _synthetic_ops, network_phases
     from trainplan.runtime.recompute import apply_recompute
@@ -321,18 +345,18 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
     tokens, width = IN_SITU_SIZES[0]
     ops = [op for op in _synthetic_ops(tokens, width) * RECOMPUTE_BLOCKS if op[0] != "module_call"]
     x = _act((1, tokens, width), device, dtype)
-    times: dict[str, tuple[float, float]] = {}
+    models = {}
     for mode in ("none", "full", "selective"):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(*[_SyntheticBlock(width) for _ in range(RECOMPUTE_BLOCKS)]).to(device=device, dtype=dtype)
-        apply_recompute(model, mode, [str(i) for i in range(RECOMPUTE_BLOCKS)])  # type: ignore[arg-type]
-
-        fwd, bwd = network_phases(model, x, device, rounds=rounds, repeats=repeats)
-        times[mode] = (fwd, bwd)
+        models[mode] = torch.nn.Sequential(*[_SyntheticBlock(width) for _ in range(RECOMPUTE_BLOCKS)]).to(device=device, dtype=dtype)
+        apply_recompute(models[mode], mode, [str(i) for i in range(RECOMPUTE_BLOCKS)])  # type: ignore[arg-type]
     redo = {"full": ops, "selective": [op for op in ops if op[0] in SELECTIVE_RECOMPUTED]}
-    out = {}
-    for mode in ("full", "selective"):
-        recomputed = sum(_predicted(table, redo[mode], "fwd"))
-        out[mode] = [max(0.0, (times[mode][0] - times["none"][0]) / len(ops)),
-                     max(0.0, (times[mode][1] - times["none"][1] - recomputed) / len(ops))]
-    return out
+    recomputed = {mode: sum(_predicted(table, redo[mode], "fwd")) for mode in redo}
+    figures: dict[str, list[tuple[float, float]]] = {mode: [] for mode in redo}
+    for _ in range(rounds):  # the three modes back to back in every round: a slow spell hits all of them
+        times = {mode: network_phases(model, x, device, rounds=1, repeats=repeats) for mode, model in models.items()}
+        for mode in redo:
+            figures[mode].append(((times[mode][0] - times["none"][0]) / len(ops),
+                                  (times[mode][1] - times["none"][1] - recomputed[mode]) / len(ops)))
+    return {mode: [max(0.0, statistics.median(f for f, _ in rows)), max(0.0, statistics.median(b for _, b in rows))]
+            for mode, rows in figures.items()}

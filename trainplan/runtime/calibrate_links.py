@@ -90,3 +90,35 @@ def link_from_allreduce(allreduce: Sequence[tuple[int, float]], n: int) -> dict[
     hops = 2 * (n - 1)
     latency = intercept / hops if intercept > 0 else min(times) / hops
     return {"bandwidth": round_significant(bandwidth * hops / n), "latency": round_significant(latency)}
+
+
+def native_collective_latency(timings: Sequence[tuple[int, float]], n: int) -> float:
+    """Per ring step latency ``α`` of torch.distributed's all-gather or reduce-scatter from its timings
+    (``(bytes of the full buffer, seconds)``, every process taking part): the planner charges either
+    ``(n−1)·α + (n−1)/n · S/β`` (Patarasuk & Yuan 2009; :func:`trainplan.planner.cost.comm.
+    all_gather_time_s`), so the intercept of a least-squares line through the timings is ``(n−1)·α``.
+    Where the times do not grow with the size over the measured range (the latency dominates), the
+    fastest time stands for the intercept, an upper bound on it."""
+    if n < 2:
+        raise ValueError(f"a collective's latency needs at least 2 ranks, got {n}")
+    sizes, times = [b for b, _ in timings], [t for _, t in timings]
+    try:
+        intercept, _ = fit_alpha_beta(sizes, times)
+    except ValueError:
+        intercept = 0.0
+    return round_significant((intercept if intercept > 0 else min(times)) / (n - 1))
+
+
+def ring_collective_s(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """The planner's ring all-gather / reduce-scatter of an ``nbytes`` buffer among ``n`` ranks,
+    ``(n−1)/n · S/B + (n−1)·α`` seconds (Patarasuk & Yuan 2009; the same formula as
+    :func:`trainplan.planner.cost.comm.all_gather_time_s`, which the runtime may not import)."""
+    return (n - 1) / n * nbytes / bandwidth + (n - 1) * latency if n > 1 else 0.0
+
+
+def latency_of(seconds: float, nbytes: float, n: int, bandwidth: float) -> float:
+    """The per ring step latency that makes :func:`ring_collective_s` of ``nbytes`` take ``seconds``
+    (at least 0): ``(t − (n−1)/n · S/B) / (n−1)``."""
+    if n < 2:
+        raise ValueError(f"a collective's latency needs at least 2 ranks, got {n}")
+    return round_significant(max(0.0, seconds - ring_collective_s(nbytes, n, bandwidth, 0.0)) / (n - 1))

@@ -41,6 +41,8 @@ class LinkCost:
     bandwidth: float
     latency: float
     level: Literal["intra", "inter"]
+    all_gather_latency: float | None = None  # torch.distributed's own all-gather, per ring step (None: ``latency``)
+    reduce_scatter_latency: float | None = None  # torch.distributed's own reduce-scatter, per ring step
 
 
 def _check(nbytes: float, n: int) -> None:
@@ -87,30 +89,47 @@ def tree_allreduce_time_s(nbytes: float, n: int, link: LinkLike) -> float:
     return 2.0 * math.ceil(math.log2(n)) * link.latency + 2.0 * nbytes / link.bandwidth
 
 
-def reduce_scatter_time_s(nbytes: float, n: int, link: LinkLike) -> float:
+def native_latency(link: LinkLike, collective: Literal["all_gather", "reduce_scatter"]) -> float:
+    """Per ring step latency of torch.distributed's own ``collective`` on ``link``: the link's measured
+    figure for it (``Link.all_gather_latency`` / ``reduce_scatter_latency``, ``trainplan calibrate``)
+    where it has one, else its ``latency``. Backends do not all run these as the ring the model
+    assumes: gloo's reduce-scatter measured about a whole all-reduce's time (4 processes, 2 cores)."""
+    measured = getattr(link, f"{collective}_latency", None)
+    return link.latency if measured is None else measured
+
+
+def reduce_scatter_time_s(nbytes: float, n: int, link: LinkLike, *, native: bool = True) -> float:
     """Ring reduce-scatter of an ``S``-byte buffer: ``(n−1)/n · S/B + (n−1)·α`` seconds.
 
     Half of the ring all-reduce (Patarasuk & Yuan 2009, Sec. 3); ZeRO stage 2/3 and FSDP reduce
-    gradients this way (Rajbhandari et al. 2020, Sec. 7).
+    gradients this way (Rajbhandari et al. 2020, Sec. 7). ``native``: torch.distributed's
+    ``reduce_scatter_tensor``, whose per-step latency may be measured apart (:func:`native_latency`);
+    ``False`` for trainplan's own point-to-point rings, which pay the link's ``α``.
     """
     _check(nbytes, n)
     if n == 1:
         return 0.0
-    return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * link.latency
+    alpha = native_latency(link, "reduce_scatter") if native else link.latency
+    return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * alpha
 
 
-def all_gather_time_s(nbytes: float, n: int, link: LinkLike) -> float:
+def all_gather_time_s(nbytes: float, n: int, link: LinkLike, *, native: bool = True) -> float:
     """Ring all-gather producing an ``S``-byte buffer: ``(n−1)/n · S/B + (n−1)·α`` seconds.
 
     The second half of the ring all-reduce (Patarasuk & Yuan 2009); ZeRO stage 3 / FSDP gather
     parameters this way before each forward and backward (Rajbhandari et al. 2020, Sec. 7.2.3).
+    ``native`` as in :func:`reduce_scatter_time_s`.
     """
-    return reduce_scatter_time_s(nbytes, n, link)
+    _check(nbytes, n)
+    if n == 1:
+        return 0.0
+    alpha = native_latency(link, "all_gather") if native else link.latency
+    return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * alpha
 
 
 def zero3_comm_time_s(
     param_bytes: float, grad_bytes: float, n: int, link: LinkLike, microbatches: int,
-    *, collectives: int = 1, gathers_per_microbatch: int = 2,
+    *, collectives: int = 1, gathers_per_microbatch: int = 2, native_scatter: bool = True,
 ) -> tuple[float, float]:
     """(gradient reduce-scatter, parameter all-gathers) seconds of one ZeRO-3 training step.
 
@@ -136,13 +155,14 @@ def zero3_comm_time_s(
     whose latency is large next to a block's bytes (gloo between processes sharing cores).
     ZeRO-2 as the runtime runs it (``reshard_after_forward=False``) keeps the gathered parameters
     from a micro-batch's forward to its backward and frees them after: one gather per
-    micro-batch, ``gathers_per_microbatch = 1``.
+    micro-batch, ``gathers_per_microbatch = 1``. ``native_scatter``: FSDP2's own reduce-scatter
+    (``False`` when the runtime gives it trainplan's point-to-point ring, ``allreduce: ring``).
     """
     if microbatches <= 0 or collectives <= 0 or gathers_per_microbatch <= 0:
         raise ValueError(f"micro-batches, collectives and gathers must be positive, got {microbatches}, "
                          f"{collectives}, {gathers_per_microbatch}")
     k = collectives
-    scatter = k * reduce_scatter_time_s(grad_bytes / k, n, link)
+    scatter = k * reduce_scatter_time_s(grad_bytes / k, n, link, native=native_scatter)
     gathers = gathers_per_microbatch * microbatches * k * all_gather_time_s(param_bytes / k, n, link)
     return scatter, gathers
 
@@ -197,9 +217,9 @@ def hierarchical_allreduce_time_s(
     """
     _check(nbytes, local * nodes)
     return (
-        reduce_scatter_time_s(nbytes, local, intra)
+        reduce_scatter_time_s(nbytes, local, intra, native=False)
         + ring_allreduce_time_s(nbytes / local, nodes, inter)
-        + all_gather_time_s(nbytes, local, intra)
+        + all_gather_time_s(nbytes, local, intra, native=False)
     )
 
 
@@ -250,12 +270,12 @@ def group_link(cluster: Cluster, group_size: int, stride: int, senders_per_node:
     d = cluster.devices_per_node
     if group_fits_in_node(d, group_size, stride) or cluster.nodes == 1:
         link = cluster.intra_node
-        return LinkCost(link.bandwidth, link.latency, "intra")
+        return LinkCost(link.bandwidth, link.latency, "intra", link.all_gather_latency, link.reduce_scatter_latency)
     k = d if senders_per_node is None else senders_per_node
     if not 1 <= k <= d:
         raise ValueError(f"senders_per_node must be between 1 and {d} (devices per node), got {k}")
     link = cluster.inter_node
-    return LinkCost(link.bandwidth * d / k, link.latency, "inter")
+    return LinkCost(link.bandwidth * d / k, link.latency, "inter", link.all_gather_latency, link.reduce_scatter_latency)
 
 
 def dp_allreduce_time_s(
