@@ -252,3 +252,51 @@ def test_on_gloo_nothing_hides_the_gradient_exchange():
                   tokens_per_sample=GPT.seq_len, allreduce="native")
     gpu_stages = list(evaluate(model, lay, gpu).stages)
     assert dp_exposed(gpu, lay, gpu_stages, model)[0] < dp_gradient_time(gpu, gpu_stages[0].params, lay, algo)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_ddp_syncs_add_up_down_a_pipeline_fsdps_overlap(zero):
+    """Under DDP each stage reduces its gradients inside its last backward, before the input gradient
+    goes back (torch pipelining's ``backward_maybe_with_nosync``): the exposed syncs of the stages add
+    up. FSDP2 reduces after the schedule on every stage at once: the slowest stage's counts."""
+    from trainplan.planner.evaluate import ddp_syncs_in_chain, dp_exposed, evaluate
+
+    model = model_costs_from_facts(GPT)
+    ctx = Context(cluster=load_preset("cpu-local"), precision="fp32", optimizer="adam", global_batch=16,
+                  tokens_per_sample=GPT.seq_len, allreduce="native")
+    lay = _layout(dp=2, pp=2, zero=zero, micro_batch=1, num_microbatches=8)
+    stages = list(evaluate(model, lay, ctx).stages)
+    per_stage = [dp_exposed(ctx, lay, [s], model)[0] for s in stages]
+    assert len(per_stage) == 2 and min(per_stage) > 0
+    exposed = dp_exposed(ctx, lay, stages, model)[0]
+    assert ddp_syncs_in_chain(ctx, lay) == (zero in (0, 1))
+    if zero == 0:
+        assert exposed == pytest.approx(sum(per_stage))
+    elif zero in (2, 3):
+        assert exposed == pytest.approx(max(per_stage))
+    assert not ddp_syncs_in_chain(ctx, _layout(dp=2, pp=1, zero=zero))  # no pipeline: one stage
+    assert not ddp_syncs_in_chain(ctx, _layout(dp=2, tp=2, pp=2, zero=zero))  # TP: FSDP2's replicate
+
+
+def test_tied_parameters_across_pipeline_ranks_sum_their_gradients_each_step():
+    """A tied embedding and LM head on two pipeline ranks all-reduce the tied gradient between the two
+    holders once per step (``runtime.pipeline.TiedSync``); on one rank, or untied, nothing."""
+    from dataclasses import replace
+
+    from trainplan.planner.evaluate import evaluate, prefix_sums, tied_sync_s
+
+    ctx = Context(cluster=load_preset("cpu-local"), precision="fp32", optimizer="adam", global_batch=16,
+                  tokens_per_sample=GPT.seq_len, allreduce="native")
+    tied, untied = model_costs_from_facts(GPT), model_costs_from_facts(replace(GPT, tied_embeddings=False))
+    for tp in (1, 2):
+        lay = _layout(dp=2, pp=2, tp=tp, micro_batch=1, num_microbatches=8)
+        ev = evaluate(tied, lay, ctx)
+        px = prefix_sums(tied, unit_times(tied, lay, ctx))
+        link = cost.group_link(ctx.cluster, 2, 2 * tp)
+        expected = cost.ring_allreduce_time_s(GPT.vocab * GPT.hidden / tp * 4, 2, link)
+        assert tied_sync_s(ctx, lay, px, list(ev.stages)) == pytest.approx(expected)
+    one = _layout(dp=2, micro_batch=1, num_microbatches=8)
+    assert tied_sync_s(ctx, one, prefix_sums(tied, unit_times(tied, one, ctx)), list(evaluate(tied, one, ctx).stages)) == 0
+    lay = _layout(dp=2, pp=2, micro_batch=1, num_microbatches=8)
+    assert tied_sync_s(ctx, lay, prefix_sums(untied, unit_times(untied, lay, ctx)),
+                       list(evaluate(untied, lay, ctx).stages)) == 0

@@ -476,8 +476,8 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
     largest = max(s.params for s in stages)
     algo, _ = choose_allreduce(ctx, largest * ctx.grad_bytes, lay.dp, lay.tp, hookable(lay))
     link = cost.group_link(ctx.cluster, lay.dp, lay.tp)
-    worst = 0.0
     units = {id(s): fsdp_units(model, s) for s in stages} if model is not None else {}
+    per_stage: dict[tuple[float, float, float, int], tuple[float, float]] = {}
     for params, fwd, bwd, k in {(s.params, s.fwd, s.bwd, units.get(id(s), 1)) for s in stages}:  # identical stages once
         grad = params * ctx.grad_bytes
         if lay.zero in (2, 3):  # FSDP2 (trainplan.runtime.data_parallel): ring collectives, one per unit
@@ -495,8 +495,42 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
         else:
             exposed = cost.dp_overlap_exposed_time(ar, bwd, DDP_BUCKET_BYTES, grad)
             exposed += max(0.0, gather - lay.num_microbatches * (fwd + bwd))
-        worst = max(worst, exposed + after)
-    return worst, algo, crosses
+        per_stage[params, fwd, bwd, k] = (exposed, after)
+    times = [per_stage[s.params, s.fwd, s.bwd, units.get(id(s), 1)] for s in stages]
+    if ddp_syncs_in_chain(ctx, lay):
+        return sum(e for e, _ in times) + max(a for _, a in times), algo, crosses
+    return max(e + a for e, a in times), algo, crosses
+
+
+def ddp_syncs_in_chain(ctx: Context, lay: Layout) -> bool:
+    """Whether a pipeline's data-parallel syncs run one after the other down the stages.
+
+    Under DDP (ZeRO 0/1 without tensor parallelism, synchronous all-reduce) torch's pipelining
+    lets DDP reduce a stage's gradients inside that stage's last backward
+    (``PipelineStage.backward_maybe_with_nosync``), and the schedule sends the input gradient to
+    the previous stage only when that backward returns: the last micro-batch's backward waits for
+    every later stage's all-reduce, so the exposed syncs add up. FSDP2 (ZeRO 2/3, ``replicate``)
+    reduces after the schedule (``perform_reduce_grad``), every stage at once: the slowest counts.
+    Timed on gpt pp2-dp2 (GPipe, 4 processes): the last stage's final backward took 7 ms against
+    1.5 ms for the others, and the first stage's gradient arrived only after it."""
+    return lay.pp > 1 and lay.zero in (0, 1) and lay.tp == 1 and ctx.sync not in ("async", "local_sgd") and ctx.allreduce != "ps"
+
+
+def tied_sync_s(ctx: Context, lay: Layout, px: _Prefix, stages: list[StageCost]) -> float:
+    """Seconds per step of summing the gradients of parameters tied across pipeline ranks (an
+    embedding and the LM head reading it): after the schedule, before the update, each pair of
+    ranks holding a copy all-reduces its gradient (``trainplan.runtime.pipeline.TiedSync``, one
+    pair after the other), a ring of 2 over the pipeline's link (:func:`cost.ring_allreduce_time_s`),
+    per tensor-parallel shard. 0 without a pipeline or tied parameters."""
+    if lay.pp == 1 or not px.shared:
+        return 0.0
+    link = cost.group_link(ctx.cluster, lay.pp, lay.dp * lay.tp)
+    seconds = 0.0
+    for unit, owner, count in px.shared:
+        holders = {s.device for s in stages if _inside(unit, list(s.ranges)) or _inside(owner, list(s.ranges))}
+        if len(holders) > 1:
+            seconds += cost.ring_allreduce_time_s(count * ctx.grad_bytes, 2, link)
+    return seconds
 
 
 def fsdp_units(model: ModelCosts, stage: StageCost) -> int:
@@ -522,6 +556,7 @@ def evaluate(
     # The update runs after the gradients are in; ZeRO-1+ updates a 1/dp shard on each rank.
     shard = lay.dp if lay.zero >= 1 else 1
     opt_s = max(optimizer_time(ctx, model, lay, s, shard) for s in stages) + step_bookkeeping_s(ctx, lay)
+    opt_s += tied_sync_s(ctx, lay, px, stages)
     return _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, model, ctx)
 
 
