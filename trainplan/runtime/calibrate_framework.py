@@ -111,7 +111,8 @@ def fsdp_unit_time(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_
 
 
 LOCKSTEP_STEPS = 16  # synthetic training steps per phase of :func:`lockstep_share`
-LOCKSTEP_ROUNDS = 5  # rounds of (alone, together, collectives alone); the median round's share is kept
+LOCKSTEP_ROUNDS = 9  # rounds of (alone, together, collectives alone); the median round's share is kept
+# (single rounds range 0.25-0.40 on 4 processes / 2 cores; medians of 5 moved by ±5% between calls)
 
 
 def lockstep_share(ctx: WorkerContext) -> float | None:

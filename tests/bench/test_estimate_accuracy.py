@@ -1,0 +1,33 @@
+"""bench/estimate_accuracy.py's step-time error relative to the same model's dp4 row of the same sweep."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "estimate_accuracy.py"
+
+
+def _module():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("estimate_accuracy", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["estimate_accuracy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_common_drift_cancels_and_a_layouts_own_error_remains() -> None:
+    rows = [
+        {"case": "gpt/dp4", "status": "ok", "step_time": 0.5, "step_time_runs": [0.2, 0.5, 0.8]},
+        # the same drift, run by run, and 20% of its own: +20% in every run
+        {"case": "gpt/pp2", "status": "ok", "step_time": 0.8, "step_time_runs": [0.44, 0.8, 1.16]},
+        {"case": "gpt/tp2", "status": "failed", "reason": "x"},
+        {"case": "cnn/pp2", "status": "ok", "step_time": 0.1},  # no cnn/dp4 row: nothing to compare with
+    ]
+    _module().relative_to_baseline(rows)
+    assert rows[0]["step_time_vs_baseline"] == pytest.approx(0.0)
+    assert rows[1]["step_time_vs_baseline"] == pytest.approx(0.2)
+    assert "step_time_vs_baseline" not in rows[2] and "step_time_vs_baseline" not in rows[3]
