@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 from trainplan.runtime.calibrate import TORCH_DTYPE, BenchPlan, CalibrationError, Gemm
 from trainplan.runtime.calibrate_framework import (
+    FRAMEWORK_ROUNDS,
+    QUICK_ROUNDS,
     barrier,
     fsdp_unit_time,
     lockstep_share,
@@ -190,6 +192,7 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
     """One worker's measurements: memory, matrix products, memory copy, per-kernel cost and the
     per-operator table (:mod:`trainplan.runtime.op_bench`), all ranks at once, then communication."""
     plan = BenchPlan.from_json(ctx.config)
+    rounds = QUICK_ROUNDS if plan.quick else FRAMEWORK_ROUNDS  # of the framework probes (their medians)
     result: dict[str, Any] = {"memory": _memory_facts(ctx.device)}
     if ctx.device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(ctx.device)
@@ -215,13 +218,13 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
             factors = in_situ_factors(fits, ctx.device, TORCH_DTYPE[dt])
             result["in_situ"][dt] = {k: list(v) for k, v in factors.items()}
             result.setdefault("recompute", {})[dt] = recompute_overhead(apply_in_situ(fits, factors), ctx.device,
-                                                                        TORCH_DTYPE[dt])
+                                                                        TORCH_DTYPE[dt], rounds=rounds)
     if plan.op_dtypes:
         barrier(ctx)
     if plan.op_dtypes and ctx.world_size > 1 and ctx.device.type == "cpu":
-        result["lockstep_share"] = lockstep_share(ctx)
-        result["fsdp_unit"] = fsdp_unit_time(ctx)
-        result["tp_overhead"] = tp_overhead(ctx)
+        result["lockstep_share"] = lockstep_share(ctx, **({"rounds": QUICK_ROUNDS} if plan.quick else {}))
+        result["fsdp_unit"] = fsdp_unit_time(ctx, rounds=rounds)
+        result["tp_overhead"] = tp_overhead(ctx, rounds=rounds)
     if ctx.world_size > 1:
         for kind in COLLECTIVES:
             result[kind] = [[n, time_collective(kind, n, ctx, plan)] for n in plan.comm_sizes]

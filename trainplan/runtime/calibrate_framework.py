@@ -3,11 +3,12 @@
 The operator table (:mod:`trainplan.runtime.op_bench`) is one process at full speed on plain
 tensors. Training adds work that no operator accounts for, and on a CPU it runs on the same cores
 as the model. Each probe times a small synthetic network with and without one mechanism, with
-every rank at once, and subtracts the collectives that mechanism sends (timed alone at the same
-sizes), leaving the framework's time:
+every rank at once, in interleaved rounds whose median it keeps (a shared machine's speed comes
+and goes), and separates the framework's time from the collectives the mechanism sends:
 
 * :func:`lockstep_share`: the speed a worker keeps when all train in lockstep (time-sliced cores);
-* :func:`fsdp_unit_time`: FSDP2's hooks, flat-buffer copies and collectives per unit and micro-batch;
+* :func:`fsdp_unit_time`: per FSDP2 unit, what its all-gather, its reduce-scatter and its hooks add
+  inside a training step;
 * :func:`tp_overhead`: DTensor around each tensor-parallel layer, the vocabulary-parallel loss,
   and the optimizer's update of each DTensor parameter;
 * :func:`recompute_overhead`: ``torch.utils.checkpoint``'s and the selective policy's own work per
@@ -44,6 +45,7 @@ def barrier(ctx: WorkerContext) -> None:
 
 FSDP_UNITS = 4  # blocks of the synthetic network sharded as FSDP2 units in :func:`fsdp_unit_time`
 FRAMEWORK_ROUNDS = 5  # rounds of :func:`fsdp_unit_time` and :func:`tp_overhead`; the median round is kept
+QUICK_ROUNDS = 3  # the same, and of :func:`lockstep_share`, under ``trainplan calibrate --quick``
 
 
 def _timed_loop(ctx: WorkerContext, fn: Callable[[], object], steps: int) -> float:
@@ -115,7 +117,7 @@ LOCKSTEP_ROUNDS = 9  # rounds of (alone, together, collectives alone); the media
 # (single rounds range 0.25-0.40 on 4 processes / 2 cores; medians of 5 moved by ±5% between calls)
 
 
-def lockstep_share(ctx: WorkerContext) -> float | None:
+def lockstep_share(ctx: WorkerContext, rounds: int = LOCKSTEP_ROUNDS) -> float | None:
     """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep.
 
     A synthetic data-parallel step: forward and backward of a generic 4-layer network
@@ -124,7 +126,7 @@ def lockstep_share(ctx: WorkerContext) -> float | None:
     per-step loss and memory report). Rank 0 first runs the compute alone while the others wait;
     then every rank runs whole steps; then the collectives alone.
     ``share = t_solo / (t_lockstep − t_collectives)`` on rank 0 (``None`` elsewhere), the median of
-    :data:`LOCKSTEP_ROUNDS` rounds. Where the workers outnumber the cores this is well below
+    ``rounds`` rounds (:data:`LOCKSTEP_ROUNDS`). Where the workers outnumber the cores this is well below
     ``cores / workers``: a worker that reaches a collective first waits, descheduled, for the
     slowest, the step runs at the pace of the worst-served worker, and gloo reduces the gradients
     on the same cores (4 workers on 2 cores: about 0.25-0.4, not 0.5). The planner divides the
@@ -163,7 +165,7 @@ def lockstep_share(ctx: WorkerContext) -> float | None:
     for _ in range(2):
         step()
     shares = []
-    for _ in range(LOCKSTEP_ROUNDS):
+    for _ in range(rounds):
         solo = timed(compute) if ctx.rank == 0 else timed(lambda: None)
         together, alone = timed(step), timed(collectives)
         shares.append(min(1.0, solo / max(together - alone, solo)))
