@@ -34,6 +34,11 @@ rank trains several stage modules with one optimizer, and they do not cover
 ``ZeroRedundancyOptimizer``; the state dict built here is the same thing (the parameters as the
 rank holds them, optimizer state by parameter name) for every layout the runtime runs.
 
+The on-disk side (manifest, checksums, the atomic commit, finding the latest complete checkpoint,
+DCP's metadata read safely) is :mod:`~trainplan.runtime.checkpoint_store`; fault injection is
+:mod:`~trainplan.runtime.faults`; this module builds the state and saves and loads it in a run, and
+re-exports both.
+
 **Fault injection** (a testing aid): ``TRAINPLAN_FAULT=kill:rank=1:step=3`` makes rank 1 SIGKILL
 itself before training step 3 (0-based), ``stop:...`` SIGSTOP itself (a hung rank), ``raise:...``
 raise an error; only in the first attempt of an elastic run and once per output folder, so a
@@ -44,14 +49,8 @@ of the fault is appended to ``OUT/faults.jsonl``, and the first step after each 
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
-import pickle
 import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -62,203 +61,39 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from trainplan.errors import TrainplanError
-from trainplan.ir.loading import dump_yaml
 from trainplan.ir.plan import Plan
-from trainplan.ir.spec import Spec
-from trainplan.models import resolve_task
-
-FORMAT = 1
-MANIFEST = "manifest.json"
-PLAN_FILE = "plan.yaml"
-STEP_PREFIX = "step-"
-FAULT_ENV = "TRAINPLAN_FAULT"
-ASIDE_SUFFIX = ".replaced"
-"""An older checkpoint of the same step, moved aside while :func:`commit` puts the new one in place."""
-IDENTITY_FIELDS = ("model", "task", "training.seed", "training.global_batch", "training.optimizer")
-"""Spec fields a checkpoint is tied to: the tensors' names and shapes, the data order, the state's keys."""
-
-
-class CheckpointError(TrainplanError):
-    """A checkpoint folder that cannot be resumed from: missing, empty, corrupt, or another spec's."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Names, hashes, manifests
-
-
-def step_name(step: int) -> str:
-    """``step-000123``: the folder of the checkpoint taken after ``step`` completed steps."""
-    return f"{STEP_PREFIX}{step:06d}"
-
-
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith(STEP_PREFIX) or not name[len(STEP_PREFIX):].isdigit():
-        return None
-    return int(name[len(STEP_PREFIX):])
-
-
-def _field(data: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-def identity(spec: Spec) -> dict[str, Any]:
-    """The spec fields a checkpoint is tied to (``IDENTITY_FIELDS``), as JSON values."""
-    data = spec.model_dump(mode="json", by_alias=True)
-    # The task as the model fills it in (vocab, seq_len), so a planned spec and a hand-written one agree.
-    data["task"] = resolve_task(spec.model, spec.task).model_dump(mode="json", by_alias=True)
-    return {name: _field(data, name) for name in IDENTITY_FIELDS}
-
-
-def identity_hash(spec: Spec) -> str:
-    """sha256 of :func:`identity`'s canonical JSON: equal for re-plans of one spec on other clusters."""
-    canonical = json.dumps(identity(spec), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class Found:
-    """A complete checkpoint on disk: its folder, step and manifest."""
-
-    path: Path
-    step: int
-    manifest: dict[str, Any]
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of ``folder``; :class:`CheckpointError` when absent or unreadable."""
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no {MANIFEST} (not a complete checkpoint)") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: {MANIFEST} is unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{folder}: {MANIFEST} is not a trainplan checkpoint manifest of format {FORMAT}")
-    return manifest
-
-
-def verify(folder: Path, manifest: dict[str, Any]) -> None:
-    """Every file of the manifest is present with its size and sha256, and no other file is."""
-    listed = manifest["files"]
-    present = {p.name for p in folder.iterdir() if p.is_file()} - {MANIFEST}
-    extra = sorted(present - set(listed))
-    if extra:
-        raise CheckpointError(f"{folder}: files not in the manifest: {', '.join(extra)}")
-    for name, meta in sorted(listed.items()):
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: {name} is missing")
-        size = path.stat().st_size
-        if size != meta["bytes"]:
-            raise CheckpointError(f"{folder}: {name} has {size} bytes, the manifest says {meta['bytes']} (truncated?)")
-        if sha256_file(path) != meta["sha256"]:
-            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest (corrupt)")
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Folders ``step-NNNNNN`` of ``directory`` (not ``.tmp``), newest first."""
-    if not directory.is_dir():
-        return []
-    folders = [p for p in directory.iterdir() if p.is_dir() and _step_of(p) is not None]
-    return sorted(folders, key=lambda p: _step_of(p) or 0, reverse=True)
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"args": {"hidden": 32}}}`` -> ``{"model.args.hidden": 32}`` (to name what differs)."""
-    if not isinstance(data, dict) or not data:
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def check_identity(manifest: dict[str, Any], folder: Path, spec: Spec) -> None:
-    """Refuse a checkpoint written for another model, task, seed, global batch or optimizer."""
-    if manifest.get("identity_hash") == identity_hash(spec):
-        return
-    theirs, ours = _flatten(manifest.get("identity") or {}), _flatten(identity(spec))
-    differences = [f"{name}: {json.dumps(theirs.get(name))} in the checkpoint, {json.dumps(ours.get(name))} now"
-                   for name in sorted(set(theirs) | set(ours)) if theirs.get(name) != ours.get(name)]
-    raise CheckpointError(
-        f"{folder} was written for another spec ({manifest.get('spec_name', '?')}, spec hash "
-        f"{str(manifest.get('spec_hash', '?'))[:12]}): " + ("; ".join(differences) or "identity hash differs")
-        + "; resume only re-plans of the same spec (the model, task, seed, global batch and optimizer must match)"
-    )
-
-
-def find_latest(directory: Path, spec: Spec, *, checksums: bool = True,
-                warn: Any = None) -> Found | None:
-    """The newest complete checkpoint of ``directory`` for ``spec``, skipping corrupt ones (with a warning).
-
-    A checkpoint of another spec is an error, not a skip: resuming it would be a mistake of the
-    user's, not damage. ``checksums=False`` checks only the manifests (cheap; the worker that
-    loads verifies every checksum).
-    """
-    warn = warn or (lambda text: print(f"trainplan: warning: {text}", file=sys.stderr, flush=True))
-    for line in recover_interrupted(directory):
-        print(f"trainplan: {directory}: {line}", file=sys.stderr, flush=True)
-    for folder in complete_checkpoints(directory):
-        try:
-            manifest = read_manifest(folder)
-            check_identity(manifest, folder, spec)
-            if checksums:
-                verify(folder, manifest)
-        except CheckpointError as exc:
-            if "another spec" in str(exc):
-                raise
-            warn(f"skipping checkpoint {exc}; falling back to the previous one")
-            continue
-        return Found(folder, int(manifest["step"]), manifest)
-    return None
-
-
-def check_resume_dir(directory: Path, spec: Spec) -> Found:
-    """What ``--resume DIR`` will load, checked before any worker starts (clear errors for bad input)."""
-    if not directory.exists():
-        raise CheckpointError(f"--resume {directory}: no such folder")
-    if not directory.is_dir():
-        raise CheckpointError(f"--resume {directory}: not a folder")
-    found = find_latest(directory, spec)
-    if found is None:
-        raise CheckpointError(
-            f"--resume {directory}: no complete checkpoint (folders step-NNNNNN with a valid {MANIFEST}); "
-            "start without --resume, or point --resume at a run's ckpt folder"
-        )
-    return found
-
-
-def refuse_stale(directory: Path) -> None:
-    """A fresh run must not write into a folder that already holds another run's checkpoints.
-
-    (An elastic restart would otherwise resume from them.)
-    """
-    recover_interrupted(directory)
-    existing = complete_checkpoints(directory)
-    if existing:
-        raise CheckpointError(
-            f"{directory} already holds checkpoints (newest {existing[0].name}); pass --resume to continue "
-            "from it, or choose another output folder"
-        )
+from trainplan.runtime.checkpoint_store import (  # noqa: F401 - the on-disk API, re-exported for callers and tests
+    FORMAT,
+    IDENTITY_FIELDS,
+    MANIFEST,
+    PLAN_FILE,
+    STEP_PREFIX,
+    CheckpointError,
+    Found,
+    SafeFileSystemReader,
+    append_jsonl,
+    check_identity,
+    check_resume_dir,
+    commit,
+    complete_checkpoints,
+    find_latest,
+    identity,
+    identity_hash,
+    manifest_of,
+    read_manifest,
+    recover_interrupted,
+    refuse_stale,
+    sha256_file,
+    step_name,
+    step_of,
+    verify,
+)
+from trainplan.runtime.faults import Fault, fault_from_env, inject_fault, parse_fault  # noqa: F401 - re-exported
 
 
 def check_checkpoint_dir(options: "CheckpointOptions", plan: Plan) -> Found | None:
@@ -289,44 +124,6 @@ def worker_args(options: "CheckpointOptions") -> list[str]:
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading DCP metadata without unpickling arbitrary objects
-
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                 "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
-_SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bool", "slice"}
-_SAFE_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-                 ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-                 ("pathlib", "PureWindowsPath")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Accepts DCP's metadata dataclasses, ``torch.Size``, dtypes and builtin containers; nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in _SAFE_MODULES or (module == "builtins" and name in _SAFE_BUILTINS) \
-                or (module, name) in _SAFE_GLOBALS \
-                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's ``FileSystemReader`` whose ``.metadata`` is read by :class:`_MetadataUnpickler`."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: not DCP metadata")
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +371,7 @@ class Checkpointer:
         background save, save when due."""
         start = time.perf_counter()
         if self._resumed is not None and completed == self._resumed.step + 1 and self.rank == 0:
-            _append_jsonl(self.out_dir / "resumes.jsonl", {
+            append_jsonl(self.out_dir / "resumes.jsonl", {
                 "time_ns": time.time_ns(), "from_step": self._resumed.step, "checkpoint": self._resumed.folder.name,
                 "load_s": self._resumed.load_s, "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
                 "resharded": not self._resumed.same_mesh})
@@ -594,7 +391,7 @@ class Checkpointer:
             self._group = None
         self.blocked_s += time.perf_counter() - start
         if self.rank == 0 and self.save_times:
-            _append_jsonl(self.out_dir / "checkpoints.jsonl",
+            append_jsonl(self.out_dir / "checkpoints.jsonl",
                           {"finish": True, "saves": len(self.save_times), "blocked_s": self.blocked_s,
                            "asynchronous": self.options.asynchronous})
 
@@ -684,12 +481,12 @@ class Checkpointer:
             record: dict[str, Any] = {"step": pending.completed, "path": str(pending.final), "save_s": written_s}
             if pending.future is not None:  # save_s: the loop's wait; committed_after_s: start of the save -> commit
                 record.update(save_s=pending.blocking_s, asynchronous=True, committed_after_s=written_s)
-            _append_jsonl(self.out_dir / "checkpoints.jsonl", record)
+            append_jsonl(self.out_dir / "checkpoints.jsonl", record)
 
     def _prune(self, completed: int) -> None:
         """Keep the newest ``keep`` complete checkpoints (never the one just written)."""
         for folder in complete_checkpoints(self.directory)[self.options.keep:]:
-            if _step_of(folder) != completed:
+            if step_of(folder) != completed:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -704,146 +501,3 @@ class _Pending:
     scaler: dict[str, float] | None
     start: float
     blocking_s: float = 0.0
-
-
-def manifest_of(folder: Path, plan: Plan, completed: int, scaler: dict[str, float] | None = None) -> dict[str, Any]:
-    """The manifest of the checkpoint files in ``folder``, taken under ``plan`` after ``completed`` steps."""
-    spec = plan.spec
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    return {"format": FORMAT, "step": completed, "spec_name": spec.name, "spec_hash": plan.spec_hash,
-            "identity_hash": identity_hash(spec), "identity": identity(spec),
-            "training": spec.training.model_dump(mode="json"),
-            "mesh": plan.mesh.model_dump(mode="json"), "world_size": plan.mesh.world_size,
-            "scaler": scaler, "time_ns": time.time_ns(), "files": files}
-
-
-def commit(tmp: Path, final: Path, plan: Plan, completed: int, scaler: dict[str, float] | None = None) -> None:
-    """Make the written ``tmp`` folder the complete checkpoint ``final``: plan, manifest (fsynced), atomic rename."""
-    (tmp / PLAN_FILE).write_text(dump_yaml(plan))
-    manifest = manifest_of(tmp, plan, completed, scaler)
-    with (tmp / MANIFEST).open("w") as f:
-        f.write(json.dumps(manifest, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    # A resume from an older checkpoint writes this step again. The old folder is renamed aside first and
-    # removed only after the new one is in place: a crash in between leaves the aside, which
-    # recover_interrupted() renames back (never a moment without a committed folder for the step).
-    aside = final.with_name(final.name + ASIDE_SUFFIX) if final.exists() else None
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(final, aside)
-        _fsync_dir(final.parent)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    if aside is not None:
-        shutil.rmtree(aside)
-
-
-def recover_interrupted(directory: Path) -> list[str]:
-    """Undo a :func:`commit` cut short between its renames; what was done, one line each.
-
-    ``step-N.replaced`` is a committed checkpoint that ``commit`` moved aside to put a new
-    ``step-N`` in its place: when ``step-N`` is there the swap finished and the aside is removed,
-    otherwise the aside is renamed back (the new one, still ``step-N.tmp``, is written again later).
-    """
-    done: list[str] = []
-    if not directory.is_dir():
-        return done
-    for aside in sorted(directory.glob(f"{STEP_PREFIX}*{ASIDE_SUFFIX}")):
-        final = aside.with_name(aside.name[: -len(ASIDE_SUFFIX)])
-        if _step_of(final) is None or not aside.is_dir():
-            continue
-        if final.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-            done.append(f"removed {aside.name} (replaced by {final.name})")
-        else:
-            os.rename(aside, final)
-            _fsync_dir(directory)
-            done.append(f"restored {final.name} from {aside.name} (a commit was interrupted)")
-    return done
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Fault injection (testing aid)
-
-
-@dataclass(frozen=True)
-class Fault:
-    """``kind:rank=R:step=S``: rank ``R`` kills (SIGKILL) / stops (SIGSTOP) itself or raises before step ``S``."""
-
-    kind: str
-    rank: int
-    step: int
-
-
-def parse_fault(text: str) -> Fault:
-    parts = text.split(":")
-    kind, fields = parts[0], dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    if kind not in ("kill", "stop", "raise") or set(fields) != {"rank", "step"} or len(parts) != 3:
-        raise CheckpointError(f"{FAULT_ENV}={text!r}: expected KIND:rank=R:step=S with KIND kill, stop or raise")
-    try:
-        return Fault(kind, int(fields["rank"]), int(fields["step"]))
-    except ValueError:
-        raise CheckpointError(f"{FAULT_ENV}={text!r}: rank and step must be integers") from None
-
-
-def fault_from_env() -> Fault | None:
-    """The fault of ``TRAINPLAN_FAULT``, only in the first attempt of an elastic run (restarts run clean)."""
-    text = os.environ.get(FAULT_ENV)
-    if not text or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return None
-    return parse_fault(text)
-
-
-def inject_fault(fault: Fault | None, rank: int, step: int, out_dir: Path) -> None:
-    """Carry out ``fault`` if it is this rank's and this step's; its time goes to ``out_dir/faults.jsonl``."""
-    if fault is None or fault.rank != rank or fault.step != step or _fired(fault, out_dir):
-        return
-    _append_jsonl(out_dir / "faults.jsonl", {"kind": fault.kind, "rank": rank, "step": step, "time_ns": time.time_ns()})
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if fault.kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif fault.kind == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
-    else:
-        raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {rank} before step {step}")
-
-
-def _fired(fault: Fault, out_dir: Path) -> bool:
-    """Whether ``fault`` already happened in this run (``faults.jsonl``).
-
-    With several torchrun agents only the agent whose worker failed counts a restart: the workers
-    of the other nodes start the next round with ``TORCHELASTIC_RESTART_COUNT=0``, and the rank
-    that carries the fault may have moved to one of them.
-    """
-    path = out_dir / "faults.jsonl"
-    if not path.exists():
-        return False
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if (record.get("kind"), record.get("rank"), record.get("step")) == (fault.kind, fault.rank, fault.step):
-            return True
-    return False
