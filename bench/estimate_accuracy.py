@@ -152,7 +152,7 @@ def relative_to_baseline(rows: list[dict], baseline: str = BASELINE) -> None:
     """Add ``step_time_vs_baseline`` to every successful row: its measured / estimated ratio over the
     same model's ``baseline`` layout's in the same sweep, minus 1 (the median over the repeats, run
     by run). On a shared machine the speed while the matrix runs drifts from the speed calibrated —
-    every row of a sweep moved by −15% to +50% between calibrations here — and this ratio cancels
+    every row of a sweep moved by −15% to +80% between calibrations here — and this ratio cancels
     that common factor: what is left is the model's error for the layout against plain data parallelism."""
     ok = {r["case"]: r for r in rows if r["status"] == "ok"}
     for r in ok.values():
