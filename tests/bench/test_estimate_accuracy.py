@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "estimate_accuracy.py"
+from tests.bench.scripts import load_bench
 
 
 def _module():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("estimate_accuracy", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["estimate_accuracy"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("estimate_accuracy")
 
 
 def test_a_common_drift_cancels_and_a_layouts_own_error_remains() -> None:

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_smoke.py"
+from tests.bench.scripts import load_bench
 
 
 def _module():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("gpu_smoke", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_smoke"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_smoke")
 
 
 @pytest.mark.parametrize("preset", ["h200", "a100-80g"])

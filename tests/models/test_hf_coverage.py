@@ -6,10 +6,6 @@ Also checks the new Hugging Face families against the library itself: the wrappe
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -20,17 +16,13 @@ from trainplan.models import build_model, init_parameters, materialize, resolve_
 from trainplan.models.hf import ARCHS, library_forward
 from trainplan.runtime.stages import split_stages
 
-pytest.importorskip("transformers")
+from tests.bench.scripts import load_bench
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "coverage.py"
+pytest.importorskip("transformers")
 
 
 def _coverage():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("coverage_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["coverage_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("coverage", "coverage_bench")
 
 
 COVERAGE = _coverage()
