@@ -109,16 +109,11 @@ def native_collective_latency(timings: Sequence[tuple[int, float]], n: int) -> f
     return round_significant((intercept if intercept > 0 else min(times)) / (n - 1))
 
 
-def ring_collective_s(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
-    """The planner's ring all-gather / reduce-scatter of an ``nbytes`` buffer among ``n`` ranks,
-    ``(n−1)/n · S/B + (n−1)·α`` seconds (Patarasuk & Yuan 2009; the same formula as
-    :func:`trainplan.planner.cost.comm.all_gather_time_s`, which the runtime may not import)."""
-    return (n - 1) / n * nbytes / bandwidth + (n - 1) * latency if n > 1 else 0.0
-
-
 def latency_of(seconds: float, nbytes: float, n: int, bandwidth: float) -> float:
-    """The per ring step latency that makes :func:`ring_collective_s` of ``nbytes`` take ``seconds``
-    (at least 0): ``(t − (n−1)/n · S/B) / (n−1)``."""
+    """The per ring step latency that makes the planner's ring all-gather / reduce-scatter of an
+    ``nbytes`` buffer among ``n`` ranks, ``(n−1)/n · S/B + (n−1)·α`` (Patarasuk & Yuan 2009;
+    :func:`trainplan.planner.cost.comm.all_gather_time_s`), take ``seconds``: at least 0."""
     if n < 2:
         raise ValueError(f"a collective's latency needs at least 2 ranks, got {n}")
-    return round_significant(max(0.0, seconds - ring_collective_s(nbytes, n, bandwidth, 0.0)) / (n - 1))
+    volume = (n - 1) / n * nbytes / bandwidth
+    return round_significant(max(0.0, seconds - volume) / (n - 1))

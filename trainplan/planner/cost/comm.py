@@ -106,11 +106,7 @@ def reduce_scatter_time_s(nbytes: float, n: int, link: LinkLike, *, native: bool
     ``reduce_scatter_tensor``, whose per-step latency may be measured apart (:func:`native_latency`);
     ``False`` for trainplan's own point-to-point rings, which pay the link's ``α``.
     """
-    _check(nbytes, n)
-    if n == 1:
-        return 0.0
-    alpha = native_latency(link, "reduce_scatter") if native else link.latency
-    return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * alpha
+    return _ring_half(nbytes, n, link.bandwidth, native_latency(link, "reduce_scatter") if native else link.latency)
 
 
 def all_gather_time_s(nbytes: float, n: int, link: LinkLike, *, native: bool = True) -> float:
@@ -120,11 +116,12 @@ def all_gather_time_s(nbytes: float, n: int, link: LinkLike, *, native: bool = T
     parameters this way before each forward and backward (Rajbhandari et al. 2020, Sec. 7.2.3).
     ``native`` as in :func:`reduce_scatter_time_s`.
     """
+    return _ring_half(nbytes, n, link.bandwidth, native_latency(link, "all_gather") if native else link.latency)
+
+
+def _ring_half(nbytes: float, n: int, bandwidth: float, alpha: float) -> float:
     _check(nbytes, n)
-    if n == 1:
-        return 0.0
-    alpha = native_latency(link, "all_gather") if native else link.latency
-    return (n - 1) / n * nbytes / link.bandwidth + (n - 1) * alpha
+    return 0.0 if n == 1 else (n - 1) / n * nbytes / bandwidth + (n - 1) * alpha
 
 
 def zero3_comm_time_s(
