@@ -396,3 +396,35 @@ def test_the_recompute_probe_recomputes_what_the_planner_says_selective_recomput
 
     names = {op for op, _, _ in _synthetic_ops(8, 8)} - {"module_call"}
     assert {op for op in names if op not in SELECTIVE_SAVED_OPS} == SELECTIVE_RECOMPUTED
+
+
+@pytest.mark.parametrize("slowdown", [1.0, 1.8])
+def test_the_recompute_probe_reports_at_the_tables_pace(monkeypatch: pytest.MonkeyPatch, slowdown: float) -> None:
+    """The checkpointing overhead comes out in the operator table's seconds however fast the machine
+    runs while it is probed: network times are scaled by the table's prediction of the plain network
+    over its measured time in the same round (here every time of the probe is ``slowdown`` x)."""
+    from trainplan.runtime import op_bench
+    from trainplan.runtime.calibrate_framework import RECOMPUTE_BLOCKS, SELECTIVE_RECOMPUTED, recompute_overhead
+
+    tokens, width = op_bench.IN_SITU_SIZES[0]
+    table = {name: {"fwd_fixed_s": 2e-5, "fwd_per_unit_s": 1e-9, "bwd_fixed_s": 3e-5, "bwd_per_unit_s": 2e-9}
+             for name, _, _ in op_bench._synthetic_ops(tokens, width)}
+    network = op_bench._synthetic_ops(tokens, width) * RECOMPUTE_BLOCKS
+    plain = [sum(op_bench._predicted(table, network, d)) for d in ("fwd", "bwd")]
+    ops = [op for op in network if op[0] != "module_call"]
+    redo = {"full": ops, "selective": [op for op in ops if op[0] in SELECTIVE_RECOMPUTED]}
+    machinery = {"full": (10e-6, 20e-6), "selective": (40e-6, 50e-6)}  # per operator, table seconds
+    order = iter(["none", "full", "selective"] * 10)  # each round times the three modes in this order
+
+    def fake_phases(model, x, device, *, rounds, repeats):  # noqa: ANN001, ANN202
+        mode = next(order)
+        if mode == "none":
+            return [slowdown * plain[0], slowdown * plain[1]]
+        f, b = machinery[mode]
+        again = sum(op_bench._predicted(table, redo[mode], "fwd"))
+        return [slowdown * (plain[0] + len(ops) * f), slowdown * (plain[1] + again + len(ops) * b)]
+
+    monkeypatch.setattr(op_bench, "network_phases", fake_phases)
+    got = recompute_overhead(table, torch.device("cpu"), torch.float32, rounds=3, repeats=1)
+    for mode, (f, b) in machinery.items():
+        assert got[mode] == pytest.approx([f, b], rel=1e-9)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -338,9 +337,11 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
     ``(t_policy − t_none − recomputed) / operators``, where ``recomputed`` is the table's forward of
     what the policy recomputes (every operator under ``full``, :data:`SELECTIVE_RECOMPUTED` under
     ``selective``) and ``operators`` counts the traced calls the planner counts (module calls aside).
-    The three run back to back in each of ``rounds`` rounds and each figure is the median round's:
-    timed one mode after the other, two calibrations a day apart differed by 1.7x (full, forward:
-    12 and 21 µs per operator).
+    The three run back to back in each of ``rounds`` rounds and each figure is the median round's;
+    each round's differences are converted to the table's pace, the table's prediction of the
+    plain network over its time in that round (the table was timed minutes earlier, and the
+    machine's speed moves in between: without this, calibrations gave 11-22 µs per operator for
+    ``full``'s forward where this process alone measures 11-12 µs).
     """
     from trainplan.runtime.op_bench import IN_SITU_SIZES, _act, _predicted, _synthetic_ops, network_phases
     from trainplan.runtime.recompute import apply_recompute
@@ -355,11 +356,15 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
         apply_recompute(models[mode], mode, [str(i) for i in range(RECOMPUTE_BLOCKS)])  # type: ignore[arg-type]
     redo = {"full": ops, "selective": [op for op in ops if op[0] in SELECTIVE_RECOMPUTED]}
     recomputed = {mode: sum(_predicted(table, redo[mode], "fwd")) for mode in redo}
+    network = _synthetic_ops(tokens, width) * RECOMPUTE_BLOCKS
+    expected = [sum(_predicted(table, network, direction)) for direction in ("fwd", "bwd")]  # the table's "none"
     figures: dict[str, list[tuple[float, float]]] = {mode: [] for mode in redo}
     for _ in range(rounds):  # the three modes back to back in every round: a slow spell hits all of them
         times = {mode: network_phases(model, x, device, rounds=1, repeats=repeats) for mode, model in models.items()}
+        # this round's pace against the table's: the differences in the table's seconds
+        pace = [e / t for e, t in zip(expected, times["none"])]
         for mode in redo:
-            figures[mode].append(((times[mode][0] - times["none"][0]) / len(ops),
-                                  (times[mode][1] - times["none"][1] - recomputed[mode]) / len(ops)))
+            figures[mode].append(((times[mode][0] - times["none"][0]) * pace[0] / len(ops),
+                                  ((times[mode][1] - times["none"][1]) * pace[1] - recomputed[mode]) / len(ops)))
     return {mode: [max(0.0, statistics.median(f for f, _ in rows)), max(0.0, statistics.median(b for _, b in rows))]
             for mode, rows in figures.items()}
