@@ -155,11 +155,7 @@ def lockstep_share(ctx: WorkerContext, rounds: int = LOCKSTEP_ROUNDS) -> float |
         dist.all_gather_into_tensor(everyone, mine)
 
     def timed(fn: Callable[[], None]) -> float:
-        barrier(ctx)
-        start = time.perf_counter()
-        for _ in range(LOCKSTEP_STEPS):
-            fn()
-        return (time.perf_counter() - start) / LOCKSTEP_STEPS
+        return _timed_loop(ctx, fn, LOCKSTEP_STEPS)
 
     for _ in range(2):
         step()
@@ -226,20 +222,12 @@ def _update(ctx: WorkerContext, model: torch.nn.Module, optimizer: str, steps: i
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
     opt = cls(model.parameters(), lr=1e-6)
     opt.step()
-    barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.step()
-    return (time.perf_counter() - start) / steps
+    return _timed_loop(ctx, opt.step, steps)
 
 
 def _allreduce_s(ctx: WorkerContext, numel: int, group: dist.ProcessGroup, steps: int) -> float:
     buf = torch.zeros(numel)
-    barrier(ctx)
-    start = time.perf_counter()
-    for _ in range(steps):
-        dist.all_reduce(buf, group=group)
-    return (time.perf_counter() - start) / steps
+    return _timed_loop(ctx, lambda: dist.all_reduce(buf, group=group), steps)
 
 
 def tp_overhead(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_ROUNDS) -> dict[str, object] | None:
