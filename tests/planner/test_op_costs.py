@@ -70,6 +70,14 @@ def test_a_variant_uses_its_own_entry_else_the_operators() -> None:
     assert ops_time_s((OpUse("gelu[approximate=none]", "element", False, 1, 0, 0, 0),), table, 1, 1)[0] == 1e-6
 
 
+def test_a_single_sample_variant_applies_at_a_micro_batch_of_one_only() -> None:
+    table = {"conv2d": OpCost(per="flop", fwd_fixed_s=60e-6), "conv2d[native]": OpCost(per="flop", fwd_fixed_s=10e-6)}
+    conv = (OpUse("conv2d[native]", "flop", False, 1, 0, 0, 0),)
+    assert ops_time_s(conv, table, 1, 1)[0] == pytest.approx(10e-6)
+    assert ops_time_s(conv, table, 2, 1)[0] == pytest.approx(60e-6)  # oneDNN from two samples on
+    assert ops_time_s(conv, {"conv2d": table["conv2d"]}, 1, 1)[0] == pytest.approx(60e-6)  # e.g. a GPU's table
+
+
 def test_unmeasured_operators_use_their_kinds_fallback_or_fail_by_name() -> None:
     table = {"add": OpCost(per="element", fwd_fixed_s=1e-6), "linear": OpCost(per="flop", fwd_fixed_s=7e-6)}
     assert ops_time_s((OpUse("erfinv", "element", False, 1, 0, 0, 0),), table, 1, 1)[0] == pytest.approx(1e-6)

@@ -10,11 +10,14 @@ from hypothesis import strategies as st
 
 from trainplan.runtime.calibrate import slowest_op_timings
 from trainplan.runtime.op_bench import (
+    CPU_FP32_FLOP_PROBES,
     ELEMENTWISE_PROBES,
     FLOP_PROBES,
+    SIZES,
     OpTiming,
     fit_linear,
     fit_op_costs,
+    flop_probes,
     time_probe,
 )
 
@@ -42,21 +45,42 @@ def test_fit_rejects_mismatched_input() -> None:
         fit_linear([1.0, 2.0], [1.0])
 
 
-@pytest.mark.parametrize("op", sorted(ELEMENTWISE_PROBES) + sorted(FLOP_PROBES))
+@pytest.mark.parametrize("op", sorted(ELEMENTWISE_PROBES) + sorted(FLOP_PROBES) + sorted(CPU_FP32_FLOP_PROBES))
 def test_every_probe_runs_forward_and_backward(op: str) -> None:
-    per_flop = op in FLOP_PROBES
-    probe = FLOP_PROBES[op] if per_flop else ELEMENTWISE_PROBES[op]
+    flop = flop_probes(torch.device("cpu"), torch.float32)
+    per_flop = op in flop
+    probe = flop[op] if per_flop else ELEMENTWISE_PROBES[op]
     t = time_probe(op, probe, 1024, torch.device("cpu"), torch.float32, per_flop=per_flop, rounds=1, repeats=1)
     assert t.op == op and t.units > 0 and t.fwd_s >= 0 and t.bwd_s >= 0
     if per_flop:  # counted with torch's flop counter, as the graph front end counts
         assert t.units >= 1024
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("op, kernel", [("conv2d", "aten::mkldnn_convolution"), ("conv2d[native]", "aten::_slow_conv2d_forward")])
+def test_each_convolution_probe_times_the_kernel_it_is_named_for(op: str, kernel: str) -> None:
+    from torch.profiler import profile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in SIZES:
+            fn, _ = flop_probes(torch.device("cpu"), torch.float32)[op](n, torch.device("cpu"), torch.float32)
+            with profile() as prof:
+                fn()
+            assert kernel in {e.name for e in prof.events()}, (op, n)
+    finally:
+        torch.set_num_threads(threads)
+    assert "conv2d[native]" not in flop_probes(torch.device("cpu"), torch.bfloat16)
+    assert "conv2d[native]" not in flop_probes(torch.device("meta"), torch.float32)
+
+
 def test_op_costs_per_op_and_kind() -> None:
     timings = [OpTiming("gelu", n, 2e-6 + 1e-9 * n, 5e-6 + 2e-9 * n) for n in UNITS]
     timings += [OpTiming("linear", n, 1e-5 + 1e-12 * n, 3e-5 + 2e-12 * n) for n in UNITS]
+    timings += [OpTiming("conv2d[native]", n, 1e-5, 2e-5) for n in UNITS]
     fits = fit_op_costs(timings)
-    assert fits["gelu"]["per"] == "element" and fits["linear"]["per"] == "flop"
+    assert fits["gelu"]["per"] == "element" and fits["linear"]["per"] == "flop" and fits["conv2d[native]"]["per"] == "flop"
     assert fits["gelu"]["bwd_per_unit_s"] == pytest.approx(2e-9) and fits["linear"]["fwd_fixed_s"] == pytest.approx(1e-5)
 
 
@@ -99,10 +123,12 @@ def test_in_situ_scales_each_direction_and_the_optimizer() -> None:
 
 
 def test_in_situ_factors_are_measured_for_every_direction() -> None:
-    from trainplan.runtime.op_bench import in_situ_factors, time_all
+    from trainplan.runtime.op_bench import in_situ_factors, in_situ_networks, time_all
 
-    fits = fit_op_costs(time_all(torch.device("cpu"), torch.float32, quick=True))
-    factors = in_situ_factors(fits, torch.device("cpu"), torch.float32, blocks=1, rounds=1, repeats=1)
+    networks = in_situ_networks(torch.device("cpu"), torch.float32, blocks=1)
+    fits = fit_op_costs(time_all(torch.device("cpu"), torch.float32, quick=True, networks=networks))
+    assert all(0 < t < 1 for n in networks for t in n.best)  # sampled in the probes' rounds
+    factors = in_situ_factors(fits, networks)
     assert set(factors) == {"fwd", "bwd", "optimizer"}
     assert all(0.5 <= v < 100 for pair in factors.values() for v in pair)
 

@@ -55,7 +55,7 @@ class LocalNode:
     param_names: tuple[str, ...]  # relative to the traced module
     saved: tuple[tuple[str, int], ...]
     output_bytes: int
-    variant: str = ""  # string keyword arguments of the call (:func:`_variant`)
+    variant: str = ""  # string keyword arguments of the call (:func:`_variant`), or a convolution's kernel (:func:`_conv_variant`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +289,7 @@ class Interpreter:
             param_names=tuple(dict.fromkeys(r.removeprefix("param:") for r in read if r.startswith("param:"))),
             saved=self._saved(node.name, m.saved),
             output_bytes=sum(self._bytes(t) for t in outs if not self.key_of(t).startswith(STATE_PREFIXES)),
-            variant="" if whole else _variant(kwargs),
+            variant="" if whole else _conv_variant(_target_name(node), args, kwargs) or _variant(kwargs),
         )
 
     def _saved(self, name: str, saved: tuple[torch.Tensor, ...]) -> tuple[tuple[str, int], ...]:
@@ -311,3 +311,35 @@ def _variant(kwargs: dict) -> str:
     tanh polynomial 3.5x slower than the ``erf`` GeLU on a CPU; ``reduction=``, ``padding_mode=``,
     ``mode=``), so the measured-operator cost model looks them up as their own operator."""
     return ",".join(f"{k}={v}" for k, v in sorted(kwargs.items()) if isinstance(v, str))
+
+
+# Input elements per sample up to which torch's CPU convolution runs its own im2col + GEMM kernel
+# at one sample instead of oneDNN (aten/src/ATen/native/Convolution.cpp, ConvParams::use_mkldnn,
+# the clause "for some case, native is faster").
+NATIVE_CONV_MAX_INPUT = 20480
+
+
+def _conv_variant(target: str, args: tuple, kwargs: dict) -> str:
+    """``'native'`` for a 2-D convolution that torch runs with its own kernel on a CPU when fed one
+    sample in fp32, else ``''``.
+
+    torch 2.x picks oneDNN for an fp32 CPU convolution unless the batch is 1, groups is 1, the kernel
+    is at most 3 wide in some dimension and the input holds at most :data:`NATIVE_CONV_MAX_INPUT`
+    elements (``ConvParams::use_mkldnn``; an unstrided 1x1 convolution on one thread also stays
+    native at batches below 16, which this leaves out). The two kernels cost differently: on this
+    project's machine oneDNN pays 60-70 us of fixed forward time and 170-200 us backward per call
+    where the native kernel pays about 10 and 25, and the native backward runs at half the forward's
+    FLOP rate. The cost model looks ``conv2d[native]`` up at a micro-batch of 1 only
+    (:func:`trainplan.planner.cost.ops.lookup`).
+    """
+    name = target.split(".")[1] if target.startswith("aten.") else target.rsplit(".", 1)[-1]
+    if name != "conv2d":  # aten.conv2d.default, torch.nn.functional.conv2d, torch.conv2d
+        return ""
+    named = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(named, args)) | kwargs
+    x, w, groups = bound.get("input"), bound.get("weight"), bound.get("groups", 1)
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 4:
+        return ""
+    per_sample = x.numel() // x.shape[0] if x.dim() == 4 and x.shape[0] else x.numel()
+    small_kernel = not (w.shape[-1] > 3 and w.shape[-2] > 3)
+    return "native" if groups == 1 and small_kernel and per_sample <= NATIVE_CONV_MAX_INPUT else ""

@@ -33,7 +33,7 @@ from trainplan.runtime.calibrate_framework import (
     tp_overhead,
 )
 from trainplan.runtime.local_workers import WorkerContext
-from trainplan.runtime.op_bench import apply_in_situ, fit_op_costs, in_situ_factors, time_all
+from trainplan.runtime.op_bench import apply_in_situ, fit_op_costs, in_situ_factors, in_situ_networks, time_all
 
 
 def _sync(device: torch.device) -> None:
@@ -212,10 +212,11 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
         for dt in plan.op_dtypes:
             if not _dtype_works(dt, ctx.device):
                 continue
-            timings = time_all(ctx.device, TORCH_DTYPE[dt], plan.quick)
+            networks = in_situ_networks(ctx.device, TORCH_DTYPE[dt])
+            timings = time_all(ctx.device, TORCH_DTYPE[dt], plan.quick, networks)
             result["ops"][dt] = [[t.op, t.units, t.fwd_s, t.bwd_s] for t in timings]
             fits = fit_op_costs(timings)
-            factors = in_situ_factors(fits, ctx.device, TORCH_DTYPE[dt])
+            factors = in_situ_factors(fits, networks)
             result["in_situ"][dt] = {k: list(v) for k, v in factors.items()}
             result.setdefault("recompute", {})[dt] = recompute_overhead(apply_in_situ(fits, factors), ctx.device,
                                                                         TORCH_DTYPE[dt], rounds=rounds)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -161,10 +161,24 @@ def _sdpa(n: int, device: torch.device, dtype: torch.dtype) -> Case:
 
 
 def _conv2d(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    channels = 16
-    side = max(4, int(math.sqrt(n / channels)))
-    x = _act((1, channels, side, side), device, dtype)
+    # Two samples: on a CPU, torch runs every 3x3 convolution of a batch of two or more through
+    # oneDNN (trainplan.passes.interpret._conv_variant); one sample may take its native kernel instead.
+    batch, channels = 2, 16
+    side = max(4, int(math.sqrt(n / (batch * channels))))
+    x = _act((batch, channels, side, side), device, dtype)
     w, b = _leaf((channels, channels, 3, 3), device, dtype), _leaf((channels,), device, dtype)
+    return (lambda: F.conv2d(x, w, b, padding=1)), [x, w, b]
+
+
+def _conv2d_native(n: int, device: torch.device, dtype: torch.dtype) -> Case:
+    # One sample of at most 20480 input elements (trainplan.passes.interpret.NATIVE_CONV_MAX_INPUT: 16
+    # channels, up to 32 x 32), so that torch runs its own im2col + GEMM kernel; larger sizes widen
+    # the output channels instead.
+    channels = 16
+    side = min(32, max(4, int(math.sqrt(n / channels))))
+    out_channels = max(channels, n // (side * side))
+    x = _act((1, channels, side, side), device, dtype)
+    w, b = _leaf((out_channels, channels, 3, 3), device, dtype), _leaf((out_channels,), device, dtype)
     return (lambda: F.conv2d(x, w, b, padding=1)), [x, w, b]
 
 
@@ -187,6 +201,15 @@ ELEMENTWISE_PROBES: dict[str, Probe] = {
 PER_INPUT_ELEMENT = frozenset({"cross_entropy"})
 # Operators timed per FLOP (their work grows faster than their output).
 FLOP_PROBES: dict[str, Probe] = {"linear": _linear, "scaled_dot_product_attention": _sdpa, "conv2d": _conv2d}
+# Per FLOP too, on a CPU in fp32 only: the kernel torch picks there for one sample, where it differs
+# (``conv2d[native]``, looked up at a micro-batch of 1, trainplan.planner.cost.ops.lookup).
+CPU_FP32_FLOP_PROBES: dict[str, Probe] = {"conv2d[native]": _conv2d_native}
+
+
+def flop_probes(device: torch.device, dtype: torch.dtype) -> dict[str, Probe]:
+    """The per-FLOP probes that apply on ``device`` at ``dtype``."""
+    native = device.type == "cpu" and dtype == torch.float32
+    return FLOP_PROBES | CPU_FP32_FLOP_PROBES if native else dict(FLOP_PROBES)
 
 # Sizes (output elements, or the n the FLOP probes scale with) spanning small models' tensors.
 SIZES = (1 << 10, 1 << 14, 1 << 17)
@@ -311,17 +334,21 @@ def time_optimizer(name: str, n: int, device: torch.device, dtype: torch.dtype, 
     return OpTiming(f"optimizer:{name}", float(n), best / TENSORS, 0.0)
 
 
-def time_all(device: torch.device, dtype: torch.dtype, quick: bool) -> list[OpTiming]:
+def time_all(device: torch.device, dtype: torch.dtype, quick: bool,
+             networks: Sequence[InSituNetwork] = ()) -> list[OpTiming]:
     """Every probe at every size, then every optimizer; the order is fixed so that all ranks run the
-    same ops together. Rounds are interleaved over the probes (see :func:`time_probe`)."""
+    same ops together. Rounds are interleaved over the probes (see :func:`time_probe`), and each
+    round also samples ``networks`` (:func:`in_situ_networks`)."""
     sizes = QUICK_SIZES if quick else SIZES
     rounds, repeats = (2, 3) if quick else (5, 5)
     runs = [_ProbeRun(op, probe, n, device, dtype, per_flop)
-            for per_flop, probes in ((False, ELEMENTWISE_PROBES), (True, FLOP_PROBES))
+            for per_flop, probes in ((False, ELEMENTWISE_PROBES), (True, flop_probes(device, dtype)))
             for op, probe in probes.items() for n in sizes]
     for _ in range(rounds):
         for run in runs:
             run.sample(repeats)
+        for network in networks:
+            network.sample()
     out = [run.result() for run in runs]
     for name in OPTIMIZERS:
         out += [time_optimizer(name, n, device, dtype, rounds=rounds, repeats=repeats) for n in sizes]
@@ -426,38 +453,73 @@ def _solve_factors(fixed: tuple[float, float], per_unit: tuple[float, float], me
     return a, b
 
 
+def _phases_once(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                 opt: torch.optim.Optimizer | None) -> list[float]:
+    """Seconds of one forward of ``model`` on ``x``, its backward (of ``ones``) and, with ``opt``, the update."""
+    _sync(device)
+    t0 = time.perf_counter()
+    y = model(x)
+    _sync(device)
+    t1 = time.perf_counter()
+    y.backward(torch.ones_like(y))
+    _sync(device)
+    t2 = time.perf_counter()
+    if opt is None:
+        return [t1 - t0, t2 - t1]
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    _sync(device)
+    return [t1 - t0, t2 - t1, time.perf_counter() - t2]
+
+
 def network_phases(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
                    opt: torch.optim.Optimizer | None = None, *, rounds: int, repeats: int) -> list[float]:
     """Seconds of ``model``'s forward on ``x``, its backward (of ``ones``) and, with ``opt``, the update
     after it: per phase the smallest over ``rounds`` of the median of ``repeats`` calls, after two
     warm-up calls."""
-
-    def once() -> list[float]:
-        _sync(device)
-        t0 = time.perf_counter()
-        y = model(x)
-        _sync(device)
-        t1 = time.perf_counter()
-        y.backward(torch.ones_like(y))
-        _sync(device)
-        t2 = time.perf_counter()
-        if opt is None:
-            return [t1 - t0, t2 - t1]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        return [t1 - t0, t2 - t1, time.perf_counter() - t2]
-
-    once(), once()
+    _phases_once(model, x, device, opt), _phases_once(model, x, device, opt)
     best = [math.inf] * (2 if opt is None else 3)
     for _ in range(rounds):
-        runs = [once() for _ in range(repeats)]
+        runs = [_phases_once(model, x, device, opt) for _ in range(repeats)]
         best = [min(b, statistics.median(r[k] for r in runs)) for k, b in enumerate(best)]
     return best
 
 
-def in_situ_factors(fits: dict[str, dict[str, float]], device: torch.device, dtype: torch.dtype, *,
-                    blocks: int = 4, rounds: int = 3, repeats: int = 7) -> InSitu:
+IN_SITU_REPEATS = 7  # calls per round of an :class:`InSituNetwork`
+
+
+class InSituNetwork:
+    """The generic network of :func:`in_situ_factors` (:class:`_SyntheticBlock` × ``blocks``) at one
+    size, ready to time in rounds: :func:`time_all` samples it in every round of the operator probes,
+    so that a slow spell of a shared machine touches one round of each and the network is timed at
+    the table's pace. ``best`` holds forward, backward and Adam update: per phase, the smallest
+    round's median of :data:`IN_SITU_REPEATS` calls."""
+
+    def __init__(self, tokens: int, width: int, device: torch.device, dtype: torch.dtype, blocks: int = 4) -> None:
+        self.device = device
+        self.model = torch.nn.Sequential(*[_SyntheticBlock(width) for _ in range(blocks)]).to(device=device, dtype=dtype)
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=1e-3)
+        self.x = _act((1, tokens, width), device, dtype)
+        self.ops = _synthetic_ops(tokens, width) * blocks
+        self.best = [math.inf] * 3
+        self.once(), self.once()  # warm-up (Adam's state)
+
+    def once(self) -> list[float]:
+        return _phases_once(self.model, self.x, self.device, self.opt)
+
+    def sample(self, repeats: int = IN_SITU_REPEATS) -> None:
+        runs = [self.once() for _ in range(repeats)]
+        self.best = [min(b, statistics.median(r[k] for r in runs)) for k, b in enumerate(self.best)]
+
+
+def in_situ_networks(device: torch.device, dtype: torch.dtype, blocks: int = 4) -> list[InSituNetwork]:
+    """The generic network at each of :data:`IN_SITU_SIZES`, for :func:`time_all` to time and
+    :func:`in_situ_factors` to read."""
+    return [InSituNetwork(tokens, width, device, dtype, blocks) for tokens, width in IN_SITU_SIZES]
+
+
+def in_situ_factors(fits: dict[str, dict[str, float]], networks: Sequence[InSituNetwork]) -> InSitu:
     """Factors by which the table's fixed and per-unit costs grow inside a network, per direction.
 
     The probes time each op in a tight loop of identical calls, where the interpreter, the
@@ -467,32 +529,29 @@ def in_situ_factors(fits: dict[str, dict[str, float]], device: torch.device, dty
     tight-loop time in a shuffled sequence of all probes, and 1.3-2x in the catalogue GPT (the
     known gap between micro-benchmarks and in-situ cost of operator-level models; PALEO, Qi et al.
     2017, Sec. 4, scales its per-layer predictions by a per-platform factor for the same reason).
-    Measured here on a generic network (:class:`_SyntheticBlock` × ``blocks``, no model of the
-    catalogue) at the two :data:`IN_SITU_SIZES`, forward, backward and an optimizer update (Adam)
-    of its parameters right after: per direction, the fixed factor ``a`` and per-unit factor ``b``
-    that make ``a·fixed + b·per_unit`` of the table's prediction equal the measured time at both
-    sizes (each at least 0.5).
-    """
-    measured: dict[str, list[float]] = {"fwd": [], "bwd": [], "optimizer": []}
-    parts: dict[str, list[tuple[float, float]]] = {"fwd": [], "bwd": [], "optimizer": []}
-    for tokens, width in IN_SITU_SIZES:
-        model = torch.nn.Sequential(*[_SyntheticBlock(width) for _ in range(blocks)]).to(device=device, dtype=dtype)
-        params = list(model.parameters())
-        opt = torch.optim.Adam(params, lr=1e-3)
-        x = _act((1, tokens, width), device, dtype)
-        ops = _synthetic_ops(tokens, width) * blocks
-        parts["fwd"].append(_predicted(fits, ops, "fwd"))
-        parts["bwd"].append(_predicted(fits, ops, "bwd"))
-        adam = fits.get("optimizer:adam", {"fwd_fixed_s": 0.0, "fwd_per_unit_s": 0.0})
-        parts["optimizer"].append((len(params) * adam["fwd_fixed_s"], sum(p.numel() for p in params) * adam["fwd_per_unit_s"]))
+    Measured on a generic network (:class:`InSituNetwork`, no model of the catalogue) at the two
+    :data:`IN_SITU_SIZES` (``networks``, timed by :func:`time_all` in the rounds of the probes),
+    forward, backward and an optimizer update (Adam) of its parameters right after: per direction,
+    the fixed factor ``a`` and per-unit factor ``b`` that make ``a·fixed + b·per_unit`` of the
+    table's prediction equal the measured time at both sizes (each at least 0.5).
 
-        best = network_phases(model, x, device, opt, rounds=rounds, repeats=repeats)
-        for k, direction in enumerate(("fwd", "bwd", "optimizer")):
-            measured[direction].append(best[k])
+    The network used to be timed in three rounds of its own right after the table, within a second:
+    one slow second then doubled the fixed factors (forward 4.2 and backward 1.8 in one
+    calibration, 2.1 and 1.0 in the one before it, 2.2-2.6 and 0.9-1.05 in four runs of one
+    process alone).
+    """
+    if len(networks) != 2:
+        raise ValueError(f"in_situ_factors needs the network at two sizes, got {len(networks)}")
+    adam = fits.get("optimizer:adam", {"fwd_fixed_s": 0.0, "fwd_per_unit_s": 0.0})
     out = {}
-    for direction in measured:
-        (f0, u0), (f1, u1) = parts[direction]
-        out[direction] = _solve_factors((f0, f1), (u0, u1), (measured[direction][0], measured[direction][1]), 0.5)
+    for k, direction in enumerate(("fwd", "bwd", "optimizer")):
+        if direction == "optimizer":
+            parts = [(len(n.params) * adam["fwd_fixed_s"], sum(p.numel() for p in n.params) * adam["fwd_per_unit_s"])
+                     for n in networks]
+        else:
+            parts = [_predicted(fits, n.ops, direction) for n in networks]
+        (f0, u0), (f1, u1) = parts
+        out[direction] = _solve_factors((f0, f1), (u0, u1), (networks[0].best[k], networks[1].best[k]), 0.5)
     return out
 
 
@@ -521,6 +580,6 @@ def fit_op_costs(timings: list[OpTiming]) -> dict[str, dict[str, float]]:
         units = [r.units for r in rows]
         ff, fu = fit_linear(units, [r.fwd_s for r in rows])
         bf, bu = fit_linear(units, [r.bwd_s for r in rows])
-        out[op] = {"per": "flop" if op in FLOP_PROBES else "element",
+        out[op] = {"per": "flop" if op in FLOP_PROBES or op in CPU_FP32_FLOP_PROBES else "element",
                    "fwd_fixed_s": ff, "fwd_per_unit_s": fu, "bwd_fixed_s": bf, "bwd_per_unit_s": bu}
     return out

@@ -41,10 +41,18 @@ def base_name(op: str) -> str:
     return op.split("[", 1)[0]
 
 
-def lookup(table: dict[str, OpCost], use: OpUse) -> OpCost | None:
+# Variants that name the kernel torch picks when an operator is fed one sample at a time
+# (``conv2d[native]``, :func:`trainplan.passes.interpret._conv_variant`): from two samples on, the
+# base entry applies.
+SINGLE_SAMPLE_VARIANTS = frozenset({"native"})
+
+
+def lookup(table: dict[str, OpCost], use: OpUse, micro_batch: int = 1) -> OpCost | None:
     """The measured cost of ``use.op`` (with its variant, else without), else the fallback entry of
-    its kind, else ``None``."""
-    return table.get(use.op) or table.get(base_name(use.op)) or table.get(FALLBACK[use.kind])
+    its kind, else ``None``. A single-sample variant counts only at a micro-batch of 1."""
+    variant = use.op[len(base_name(use.op)) + 1:-1]
+    own = table.get(use.op) if micro_batch == 1 or variant not in SINGLE_SAMPLE_VARIANTS else None
+    return own or table.get(base_name(use.op)) or table.get(FALLBACK[use.kind])
 
 
 def op_time_s(use: OpUse, cost: OpCost, micro_batch: int, tp: int) -> tuple[float, float]:
@@ -67,7 +75,7 @@ def ops_time_s(uses: tuple[OpUse, ...], table: dict[str, OpCost], micro_batch: i
     for use in uses:
         if only is not None and base_name(use.op) not in only:
             continue
-        cost = lookup(table, use)
+        cost = lookup(table, use, micro_batch)
         if cost is None:
             raise KeyError(f"no measured cost for operator {use.op!r} nor its fallback {FALLBACK[use.kind]!r}")
         f, b = op_time_s(use, cost, micro_batch, tp)
