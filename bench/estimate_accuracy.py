@@ -16,6 +16,9 @@ plan's median step-time error (the runs' values in the JSON). Targets (issue 7):
 per-rank peak within 5%; step time within 20% after calibration. The last column,
 ``step_time_vs_baseline``, is the step-time error relative to the same model's dp4 row of the
 same sweep (:func:`relative_to_baseline`), which cancels the machine's drift since calibration.
+``--refresh`` brings the calibration to the machine's current speed before every sweep
+(``trainplan calibrate --refresh``: the lockstep probe alone, about 10 s each) and plans that
+sweep with it; the JSON lists each refresh's pace and share.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainplan.api import plan, spec_from_dict  # noqa: E402
 from trainplan.errors import TrainplanError  # noqa: E402
+from trainplan.ir.cluster import Cluster  # noqa: E402
 from trainplan.ir.loading import read_yaml  # noqa: E402
+from trainplan.runtime.calibrate_refresh import refresh  # noqa: E402
 from trainplan.runtime.launch import launch_sweep  # noqa: E402
 from trainplan.runtime.parallelize import check_plan  # noqa: E402
 
@@ -142,6 +147,9 @@ def repeated(run: Callable[[int], list[dict]], repeats: int) -> list[dict]:
         row["step_time_runs"] = [r["step_time"] for r in same]
         row["step_time"] = statistics.median(row["step_time_runs"])
         row["step_time_s"] = statistics.median(r["step_time_s"] for r in same)
+        row["step_time_estimate_s"] = statistics.median(r["step_time_estimate_s"] for r in same)
+        if all("step_time_unrefreshed" in r for r in same):
+            row["step_time_unrefreshed"] = statistics.median(r["step_time_unrefreshed"] for r in same)
     return rows
 
 
@@ -163,6 +171,28 @@ def relative_to_baseline(rows: list[dict], baseline: str = BASELINE) -> None:
         r["step_time_vs_baseline"] = statistics.median((1 + mine) / (1 + ref) - 1 for mine, ref in runs)
 
 
+def plan_cases(model: str, layouts: list[str], cluster: dict | None, steps: int) -> tuple[dict[str, object], list[dict]]:
+    """The model's plans by case name, and a "not run" row for each layout the planner or the runtime refuses."""
+    cases, not_run = {}, []
+    for name in layouts:
+        key = f"{model}/{name}"
+        try:
+            planned = plan(spec_from_dict(spec(model, LAYOUTS[name], cluster, steps)))[0]
+            check_plan(planned)  # a plan the runtime refuses is reported, not run
+            cases[key] = planned
+        except TrainplanError as exc:  # e.g. tp on a cnn: no such layout
+            not_run.append({"case": key, "status": "not run", "reason": str(exc).splitlines()[0]})
+    return cases, not_run
+
+
+def refreshed_cluster(cluster: dict) -> tuple[dict, float]:
+    """``cluster`` at the machine's current speed (:func:`trainplan.runtime.calibrate_refresh.refresh`), and the pace."""
+    fresh, pace = refresh(Cluster.model_validate(cluster))
+    data = fresh.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data.update(nodes=1, devices_per_node=4)
+    return data, pace
+
+
 def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:+.1f}%"
 
@@ -176,7 +206,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run each model's sweep this many times and report the median step-time error per plan "
                          "(memory is the same in every run); on a shared machine one run's step times drift by 20-40%%")
+    ap.add_argument("--refresh", action="store_true",
+                    help="before each sweep, bring --cluster to the machine's current speed (`trainplan calibrate "
+                         "--refresh`: the lockstep probe alone, about 10 s) and plan with it")
     args = ap.parse_args()
+    if args.refresh and not args.cluster:
+        ap.error("--refresh needs --cluster (a cluster YAML written by `trainplan calibrate`)")
     cluster = None
     if args.cluster:
         cluster = read_yaml(args.cluster)
@@ -184,26 +219,37 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="estimate-accuracy-"))
     start = time.perf_counter()
     rows: list[dict] = []
+    refreshes: list[dict] = []
+
+    def sweep(model: str, k: int, calibrated: dict[str, object]) -> list[dict]:
+        if not args.refresh:
+            return run_model(calibrated, root / f"repeat-{k}", args.steps)
+        here, pace = refreshed_cluster(cluster)
+        refreshes.append({"model": model, "repeat": k, "pace": round(pace, 4),
+                          "compute_share": here["device"]["compute_share"]})
+        out = run_model(plan_cases(model, args.layouts.split(","), here, args.steps)[0], root / f"repeat-{k}", args.steps)
+        for row in out:  # the same run against the calibration as written, for comparison
+            if row["status"] == "ok" and row["case"] in calibrated:
+                row["step_time_unrefreshed"] = row["step_time_s"] / calibrated[row["case"]].estimate.step_time_s - 1
+        return out
+
     for model in args.models.split(","):
-        cases = {}
-        for name in args.layouts.split(","):
-            key = f"{model}/{name}"
-            try:
-                planned = plan(spec_from_dict(spec(model, LAYOUTS[name], cluster, args.steps)))[0]
-                check_plan(planned)  # a plan the runtime refuses is reported, not run
-                cases[key] = planned
-            except TrainplanError as exc:  # e.g. tp on a cnn: no such layout
-                rows.append({"case": key, "status": "not run", "reason": str(exc).splitlines()[0]})
+        cases, not_run = plan_cases(model, args.layouts.split(","), cluster, args.steps)
+        rows += not_run
         if cases:
-            rows += repeated(lambda k: run_model(cases, root / f"repeat-{k}", args.steps), args.repeats)
+            rows += repeated(lambda k: sweep(model, k, cases), args.repeats)
         print(f"# {model} done after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     order = {f"{m}/{n}": i for i, (m, n) in enumerate((m, n) for m in args.models.split(",")
                                                       for n in args.layouts.split(","))}
     rows.sort(key=lambda r: order[r["case"]])
     relative_to_baseline(rows)
-    columns = (*COMPONENTS, "peak", "unestimated", "step_time", "step_time_vs_baseline")
-    labels = [f"time vs {BASELINE}" if c == "step_time_vs_baseline" else c for c in columns]
-    header = f"| {'case':<22} | " + " | ".join(f"{c:>11}" for c in labels) + " |"
+    columns = (*COMPONENTS, "peak", "unestimated", *(("step_time_unrefreshed",) if args.refresh else ()), "step_time",
+               "step_time_vs_baseline")
+    names = {"step_time_vs_baseline": f"time vs {BASELINE}", "step_time_unrefreshed": "time as cal.",
+             "step_time": "time refreshed" if args.refresh else "step_time"}
+    labels = [names.get(c, c) for c in columns]
+    widths = [max(11, len(label)) for label in labels]
+    header = f"| {'case':<22} | " + " | ".join(f"{c:>{w}}" for c, w in zip(labels, widths)) + " |"
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for r in rows:
@@ -211,16 +257,18 @@ def main() -> None:
             reason = r["reason"] if len(r["reason"]) <= 140 else "..." + r["reason"][-137:]  # the end says why
             print(f"| {r['case']:<22} | {r['status']}: {reason} |")
             continue
-        print(f"| {r['case']:<22} | " + " | ".join(f"{pct(r.get(c)):>11}" for c in columns) + " |")
+        print(f"| {r['case']:<22} | " + " | ".join(f"{pct(r.get(c)):>{w}}" for c, w in zip(columns, widths)) + " |")
     ok = [r for r in rows if r["status"] == "ok"]
     exact = all(r[c] == 0 for r in ok for c in ("params", "grads", "optimizer") if r[c] is not None)
     print(json.dumps({"bench": "estimate_accuracy", "cluster": args.cluster or "cpu-local preset", "steps": args.steps,
-                      "repeats": args.repeats,
+                      "repeats": args.repeats, "refreshes": refreshes,
                       "cases": len(rows), "ok": len(ok), "failed": sum(r["status"] == "failed" for r in rows),
                       "not_run": sum(r["status"] == "not run" for r in rows), "model_states_exact": exact,
                       "activations_within_5pct": sum(1 for r in ok if r["activations"] is not None and abs(r["activations"]) <= 0.05),
                       "peak_within_5pct": sum(1 for r in ok if abs(r["peak"]) <= 0.05),
                       "step_time_within_20pct": sum(1 for r in ok if abs(r["step_time"]) <= 0.2),
+                      **({"step_time_unrefreshed_within_20pct": sum(1 for r in ok if abs(r["step_time_unrefreshed"]) <= 0.2)}
+                         if args.refresh else {}),
                       "step_time_vs_baseline_within_20pct": sum(1 for r in ok if abs(r.get("step_time_vs_baseline", 1)) <= 0.2),
                       "elapsed_s": round(time.perf_counter() - start, 1), "out": str(root), "rows": rows}))
 

@@ -368,8 +368,16 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     header = out.read_text()
     assert "op_costs fp32:" in header
     assert "trainplan's all-reduce algorithms" in header and "ring" in header and "tree" in header
+    assert c.device.pace_reference_s is not None and 0 < c.device.pace_reference_s < 1
+    # `--refresh`: the lockstep probe again, and the measured costs at its pace
+    assert calibrate_main(["--refresh", str(out), "-o", str(tmp_path / "now.yaml")]) == 0
+    now = load(Cluster, tmp_path / "now.yaml")
+    pace = now.device.pace_reference_s / c.device.pace_reference_s
+    assert 0.2 < pace < 5 and 0 < now.device.compute_share <= 1
+    assert now.device.op_costs["fp32"]["linear"].fwd_fixed_s == pytest.approx(ops["linear"].fwd_fixed_s * pace, rel=1e-3)
+    assert now.intra_node == c.intra_node
     assert children() <= before
-    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "now.yaml"]
 
 
 @pytest.mark.slow

@@ -93,6 +93,13 @@ class Device(Strict):
         "training step, at most cores / (processes x threads)); the measured operator costs "
         "(op_costs) are divided by it.",
     )
+    pace_reference_s: Seconds | None = Field(
+        None,
+        description="Seconds of the lockstep probe's synthetic training step on one worker alone when this "
+        "cluster was calibrated (`trainplan calibrate`, CPU). `trainplan calibrate --refresh` times it again "
+        "and scales the measured costs by the ratio, so that a calibration follows a shared machine's "
+        "current speed; None: not measured.",
+    )
     fsdp_unit_overhead: Seconds = Field(
         0.0,
         description="Framework time per FSDP2 unit and micro-batch (forward + backward) beyond its collectives "

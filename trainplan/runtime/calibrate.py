@@ -289,6 +289,7 @@ class Measurement:
     in_situ: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, op_bench.in_situ_factors (rank 0)
     recompute: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, calibrate_framework.recompute_overhead (rank 0)
     compute_share: float = 1.0  # fraction of its speed a worker keeps while all compute (CPU processes sharing cores)
+    pace_reference_s: float | None = None  # the lockstep probe's step alone on rank 0 (calibrate_framework.lockstep_pace)
     fsdp_unit: dict[str, float] | None = None  # calibrate_framework.fsdp_unit_time, slowest rank per figure (None: not measured)
     tp_overhead: dict[str, Any] | None = None  # calibrate_framework.tp_overhead, slowest rank per figure (None: not measured)
     all_gather: tuple[tuple[int, float], ...] = ()  # (full buffer bytes, seconds) of all_gather_into_tensor, rank 0
@@ -352,7 +353,8 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         ops=slowest_op_timings([results[0].get("ops", {})]),
         in_situ={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("in_situ", {}).items()},
         recompute={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("recompute", {}).items()},
-        compute_share=measured_share(results[0].get("lockstep_share"), usable_cores(), nproc, threads, backend),
+        compute_share=measured_share((results[0].get("lockstep") or [None])[0], usable_cores(), nproc, threads, backend),
+        pace_reference_s=(results[0].get("lockstep") or [None, None])[1],
         fsdp_unit={k: max(r["fsdp_unit"][k] for r in results) for k in results[0]["fsdp_unit"]}
         if "fsdp_unit" in results[0] else None,
         tp_overhead=slowest_tp_overhead([r.get("tp_overhead") for r in results]))
@@ -381,6 +383,8 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
         measured["device"]["tp_overhead"] = tp_overhead_fields(m.tp_overhead, m.compute_share)
     if m.ops:
         measured["device"]["compute_share"] = _sig(m.compute_share, 3)
+        if m.pace_reference_s is not None:
+            measured["device"]["pace_reference_s"] = _sig(m.pace_reference_s)
         measured["device"]["op_costs"] = {dtype: {op: {k: (_sig(v) if isinstance(v, float) else v) for k, v in c.items()}
                                                   for op, c in op_table(m, dtype).items()}
                                           for dtype in m.ops}
@@ -545,12 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (seconds, noisier)")
     p.add_argument("--base", choices=preset_names(), help="preset for unmeasured fields (default: cpu-local on gloo)")
     p.add_argument("--timeout", type=float, help="seconds before the workers are killed (default 180 quick, 1800)")
+    p.add_argument("--refresh", type=Path, metavar="CLUSTER",
+                   help="instead of a full calibration, bring CLUSTER (a CPU cluster YAML written by `trainplan "
+                        "calibrate`) to the machine's current speed: re-run only the lockstep probe (about 10 s) and "
+                        "scale its measured costs and compute_share (see docs/accuracy.md)")
     return p
 
 
 def calibrate_main(argv: list[str] | None = None) -> int:
     """``trainplan calibrate``: measure, print what was measured, write or print the cluster YAML."""
     args = build_parser().parse_args(argv)
+    if args.refresh is not None:
+        return _refresh_main(args.refresh, args.output, args.timeout)
     backend = resolve_backend(args.backend)
     nproc = args.nproc or default_nproc(backend)
     m = measure(nproc=nproc, backend=backend, quick=args.quick, timeout_s=args.timeout)
@@ -562,4 +572,22 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     write_atomic(args.output, text)
     print("\n".join(summary_lines(m)))
     print(f"wrote {args.output}")
+    return 0
+
+
+def _refresh_main(source: Path, output: Path | None, timeout_s: float | None) -> int:
+    """``trainplan calibrate --refresh CLUSTER [-o OUT]``: :func:`calibrate_refresh.refresh`, written
+    or printed."""
+    from trainplan.ir.loading import load
+    from trainplan.runtime.calibrate_refresh import refresh, render_refreshed
+
+    before = load(Cluster, source)
+    after, pace = refresh(before, timeout_s=timeout_s or 120.0)
+    text = render_refreshed(after, before, pace, source)
+    if output is None:
+        print(text, end="")
+        return 0
+    write_atomic(output, text)
+    print(text.splitlines()[0].removeprefix("# "))
+    print(f"wrote {output}")
     return 0

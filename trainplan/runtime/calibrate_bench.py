@@ -28,7 +28,7 @@ from trainplan.runtime.calibrate_framework import (
     QUICK_ROUNDS,
     barrier,
     fsdp_unit_time,
-    lockstep_share,
+    lockstep_pace,
     recompute_overhead,
     tp_overhead,
 )
@@ -223,7 +223,7 @@ def calibration_worker(ctx: WorkerContext) -> dict[str, Any]:
     if plan.op_dtypes:
         barrier(ctx)
     if plan.op_dtypes and ctx.world_size > 1 and ctx.device.type == "cpu":
-        result["lockstep_share"] = lockstep_share(ctx, **({"rounds": QUICK_ROUNDS} if plan.quick else {}))
+        result["lockstep"] = lockstep_pace(ctx, **({"rounds": QUICK_ROUNDS} if plan.quick else {}))
         result["fsdp_unit"] = fsdp_unit_time(ctx, rounds=rounds)
         result["tp_overhead"] = tp_overhead(ctx, rounds=rounds)
     if ctx.world_size > 1:
@@ -249,3 +249,9 @@ def time_algorithms(ctx: WorkerContext, plan: BenchPlan) -> list[list[Any]]:
                 time_once(v, x)
             out.append([v.name, nbytes, statistics.median(time_once(v, x) for _ in range(plan.repeats))])
     return out
+
+
+def pace_worker(ctx: WorkerContext) -> dict[str, Any]:
+    """``trainplan calibrate --refresh``: the lockstep probe alone (:func:`lockstep_pace`), on rank 0
+    ``{"lockstep": [share, solo seconds]}``."""
+    return {"lockstep": lockstep_pace(ctx)}

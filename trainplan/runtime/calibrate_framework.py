@@ -116,16 +116,17 @@ LOCKSTEP_ROUNDS = 9  # rounds of (alone, together, collectives alone); the media
 # (single rounds range 0.25-0.40 on 4 processes / 2 cores; medians of 5 moved by ±5% between calls)
 
 
-def lockstep_share(ctx: WorkerContext, rounds: int = LOCKSTEP_ROUNDS) -> float | None:
-    """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep.
+def lockstep_pace(ctx: WorkerContext, rounds: int = LOCKSTEP_ROUNDS) -> tuple[float, float] | None:
+    """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep, and
+    that solo speed.
 
     A synthetic data-parallel step: forward and backward of a generic 4-layer network
     (:class:`trainplan.runtime.op_bench._SyntheticBlock`, a few ms of work), an all-reduce of its
     gradients' size (DDP's), an Adam update and an all-gather of two numbers per rank (the runtime's
     per-step loss and memory report). Rank 0 first runs the compute alone while the others wait;
     then every rank runs whole steps; then the collectives alone.
-    ``share = t_solo / (t_lockstep − t_collectives)`` on rank 0 (``None`` elsewhere), the median of
-    ``rounds`` rounds (:data:`LOCKSTEP_ROUNDS`). Where the workers outnumber the cores this is well below
+    ``share = t_solo / (t_lockstep − t_collectives)`` and ``t_solo`` (seconds of one step's compute
+    alone) on rank 0 (``None`` elsewhere), each the median of ``rounds`` rounds (:data:`LOCKSTEP_ROUNDS`). Where the workers outnumber the cores this is well below
     ``cores / workers``: a worker that reaches a collective first waits, descheduled, for the
     slowest, the step runs at the pace of the worst-served worker, and gloo reduces the gradients
     on the same cores (4 workers on 2 cores: about 0.25-0.4, not 0.5). The planner divides the
@@ -159,12 +160,13 @@ def lockstep_share(ctx: WorkerContext, rounds: int = LOCKSTEP_ROUNDS) -> float |
 
     for _ in range(2):
         step()
-    shares = []
+    shares, solos = [], []
     for _ in range(rounds):
         solo = timed(compute) if ctx.rank == 0 else timed(lambda: None)
         together, alone = timed(step), timed(collectives)
         shares.append(min(1.0, solo / max(together - alone, solo)))
-    return statistics.median(shares) if ctx.rank == 0 else None
+        solos.append(solo)
+    return (statistics.median(shares), statistics.median(solos)) if ctx.rank == 0 else None
 
 
 TP_DEGREE = 2  # tensor-parallel group size of :func:`tp_overhead` (pairs of ranks)
