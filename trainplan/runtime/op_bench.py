@@ -170,15 +170,24 @@ def _conv2d(n: int, device: torch.device, dtype: torch.dtype) -> Case:
     return (lambda: F.conv2d(x, w, b, padding=1)), [x, w, b]
 
 
+# (channels, side) of a CIFAR ResNet's stages (He et al. 2016, Sec. 4.2: 16, 32 and 64 filters on 32,
+# 16 and 8 px maps), inputs small enough (at most 20480 elements,
+# trainplan.passes.interpret.NATIVE_CONV_MAX_INPUT) that torch convolves one sample natively.
+NATIVE_CONV_STAGES = ((16, 32), (32, 16), (64, 8))
+
+
 def _conv2d_native(n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    # One sample of at most 20480 input elements (trainplan.passes.interpret.NATIVE_CONV_MAX_INPUT: 16
-    # channels, up to 32 x 32), so that torch runs its own im2col + GEMM kernel; larger sizes widen
-    # the output channels instead.
-    channels = 16
-    side = min(32, max(4, int(math.sqrt(n / channels))))
-    out_channels = max(channels, n // (side * side))
+    # The smallest n: 16 channels on 8 x 8, where the fixed cost is most of the time; larger n: a
+    # stage of NATIVE_CONV_STAGES (the same FLOPs each). Torch's im2col + GEMM kernel is far from
+    # proportional to FLOPs: at equal FLOPs the 16-channel stage's backward takes about twice the
+    # 64-channel one's (its unfolded columns are 4x as many), and a 16 -> 128 channel product is
+    # 8x the FLOPs of 16 -> 16 for 1.3x the time; a probe that grew one dimension would fit neither.
+    if n < 4096:
+        channels, side = 16, 8
+    else:
+        channels, side = NATIVE_CONV_STAGES[min(2, max(0, round(math.log2(n / 16384) / 1.5)))]
     x = _act((1, channels, side, side), device, dtype)
-    w, b = _leaf((out_channels, channels, 3, 3), device, dtype), _leaf((out_channels,), device, dtype)
+    w, b = _leaf((channels, channels, 3, 3), device, dtype), _leaf((channels,), device, dtype)
     return (lambda: F.conv2d(x, w, b, padding=1)), [x, w, b]
 
 
