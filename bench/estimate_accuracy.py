@@ -17,7 +17,7 @@ per-rank peak within 5%; step time within 20% after calibration. The last column
 ``step_time_vs_baseline``, is the step-time error relative to the same model's dp4 row of the
 same sweep (:func:`relative_to_baseline`), which cancels the machine's drift since calibration.
 ``--refresh`` brings the calibration to the machine's current speed before every sweep
-(``trainplan calibrate --refresh``: the lockstep probe alone, about 10 s each) and plans that
+(``trainplan calibrate --refresh``: the lockstep probe alone, about 15 s each) and plans that
 sweep with it; the JSON lists each refresh's pace and share.
 """
 
@@ -208,7 +208,7 @@ def main() -> None:
                          "(memory is the same in every run); on a shared machine one run's step times drift by 20-40%%")
     ap.add_argument("--refresh", action="store_true",
                     help="before each sweep, bring --cluster to the machine's current speed (`trainplan calibrate "
-                         "--refresh`: the lockstep probe alone, about 10 s) and plan with it")
+                         "--refresh`: the lockstep probe alone, about 15 s) and plan with it")
     args = ap.parse_args()
     if args.refresh and not args.cluster:
         ap.error("--refresh needs --cluster (a cluster YAML written by `trainplan calibrate`)")

@@ -327,8 +327,8 @@ def _conv_variant(target: str, args: tuple, kwargs: dict) -> str:
     is at most 3 wide in some dimension and the input holds at most :data:`NATIVE_CONV_MAX_INPUT`
     elements (``ConvParams::use_mkldnn``; an unstrided 1x1 convolution on one thread also stays
     native at batches below 16, which this leaves out). The two kernels cost differently: on this
-    project's machine oneDNN pays 60-70 us of fixed forward time and 170-200 us backward per call
-    where the native kernel pays about 10 and 25, and the native backward runs at half the forward's
+    project's machine oneDNN pays 60-80 us of fixed forward time and 170-210 us backward per call
+    where the native kernel pays about 10 and 25-30, and the native backward runs at half the forward's
     FLOP rate. The cost model looks ``conv2d[native]`` up at a micro-batch of 1 only
     (:func:`trainplan.planner.cost.ops.lookup`).
     """

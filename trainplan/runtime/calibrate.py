@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds before the workers are killed (default 180 quick, 1800)")
     p.add_argument("--refresh", type=Path, metavar="CLUSTER",
                    help="instead of a full calibration, bring CLUSTER (a CPU cluster YAML written by `trainplan "
-                        "calibrate`) to the machine's current speed: re-run only the lockstep probe (about 10 s) and "
+                        "calibrate`) to the machine's current speed: re-run only the lockstep probe (about 15 s) and "
                         "scale its measured costs and compute_share (see docs/accuracy.md)")
     return p
 

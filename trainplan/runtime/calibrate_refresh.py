@@ -5,7 +5,8 @@ Why: on a shared machine the speed a training run gets drifts over minutes. On t
 36 step times within 20% (docs/accuracy.md); the measured per-worker speed under lockstep
 (``compute_share``) moved between 0.30 and 0.40 between calibrations, and every compute term of the
 cost model is divided by it. A full calibration takes about 2.5 minutes; this re-runs only the
-lockstep probe (:func:`trainplan.runtime.calibrate_framework.lockstep_pace`, about 10 s) and:
+lockstep probe (:func:`trainplan.runtime.calibrate_framework.lockstep_pace`, about 15 s with the
+workers' start) and:
 
 * replaces ``compute_share`` with the share measured now;
 * scales every cost measured as compute at one worker's full speed — ``op_costs``, ``tp_overhead``,
@@ -13,6 +14,11 @@ lockstep probe (:func:`trainplan.runtime.calibrate_framework.lockstep_pace`, abo
   cluster was calibrated (``device.pace_reference_s``), and records the new reference.
 
 Links (bandwidths, latencies) are left as calibrated. Pure functions except :func:`refresh`.
+
+What it corrects, measured (docs/accuracy.md, sixth session): a change of load between
+calibrating and running. A calibration taken beside a CPU hog put gpt / llama dp4 and ZeRO-1 at
+−17% to −21%, and refreshed at −4% to +14%. It does not remove the VM's moment-to-moment noise:
+refreshes a minute apart measured pace 0.87-1.32 and share 0.31-0.43.
 """
 
 from __future__ import annotations
@@ -38,14 +44,20 @@ PACE_TARGET = "trainplan.runtime.calibrate_bench:pace_worker"
 OP_COST_TIMES = ("fwd_fixed_s", "fwd_per_unit_s", "bwd_fixed_s", "bwd_per_unit_s")
 
 
-def refreshed(cluster: Cluster, share: float, solo_s: float) -> tuple[Cluster, float]:
-    """``cluster`` at the pace of a lockstep probe that measured ``share`` and ``solo_s`` seconds alone,
-    and that pace (``solo_s / device.pace_reference_s``: above 1, the machine is slower now)."""
-    device = cluster.device
-    if device.pace_reference_s is None or not device.op_costs:
+def check_refreshable(cluster: Cluster) -> None:
+    """Raise :class:`CalibrationError` with the fix unless ``cluster`` has a pace reference and measured
+    operator costs (a CPU cluster written by `trainplan calibrate`)."""
+    if cluster.device.pace_reference_s is None or not cluster.device.op_costs:
         raise CalibrationError("this cluster has no pace reference (device.pace_reference_s) or no measured "
                                "operator costs: refresh works on a CPU cluster written by `trainplan calibrate`; "
                                "run a full `trainplan calibrate` first")
+
+
+def refreshed(cluster: Cluster, share: float, solo_s: float) -> tuple[Cluster, float]:
+    """``cluster`` at the pace of a lockstep probe that measured ``share`` and ``solo_s`` seconds alone,
+    and that pace (``solo_s / device.pace_reference_s``: above 1, the machine is slower now)."""
+    check_refreshable(cluster)
+    device = cluster.device
     if solo_s <= 0 or not 0 < share <= 1:
         raise CalibrationError(f"the lockstep probe measured share {share} and {solo_s} s alone; run it again")
     pace = solo_s / device.pace_reference_s
@@ -68,6 +80,7 @@ def refreshed(cluster: Cluster, share: float, solo_s: float) -> tuple[Cluster, f
 def refresh(cluster: Cluster, *, timeout_s: float = 120.0) -> tuple[Cluster, float]:
     """Run the lockstep probe on this machine with the cluster's processes (``devices_per_node``, the
     process count it was calibrated with) and return :func:`refreshed` of it."""
+    check_refreshable(cluster)  # before the probe: a preset's cluster fails at once
     backend = resolve_backend("gloo")
     nproc = cluster.devices_per_node
     if nproc < 2:
