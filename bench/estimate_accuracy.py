@@ -267,7 +267,7 @@ def main() -> None:
                       "activations_within_5pct": sum(1 for r in ok if r["activations"] is not None and abs(r["activations"]) <= 0.05),
                       "peak_within_5pct": sum(1 for r in ok if abs(r["peak"]) <= 0.05),
                       "step_time_within_20pct": sum(1 for r in ok if abs(r["step_time"]) <= 0.2),
-                      **({"step_time_unrefreshed_within_20pct": sum(1 for r in ok if abs(r["step_time_unrefreshed"]) <= 0.2)}
+                      **({"step_time_unrefreshed_within_20pct": sum(1 for r in ok if abs(r.get("step_time_unrefreshed", 1)) <= 0.2)}
                          if args.refresh else {}),
                       "step_time_vs_baseline_within_20pct": sum(1 for r in ok if abs(r.get("step_time_vs_baseline", 1)) <= 0.2),
                       "elapsed_s": round(time.perf_counter() - start, 1), "out": str(root), "rows": rows}))
