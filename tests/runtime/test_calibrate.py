@@ -353,6 +353,7 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     assert 1e-9 < c.intra_node.latency < 1.0
     assert 1e8 < c.device.memory_bandwidth < 1e13 and 1e-8 < c.device.kernel_launch < 1e-2
     assert 0 < c.device.compute_share <= 1
+    assert 0 <= c.device.collective_wait_s < 1.0  # what a blocking collective adds in a step, measured
     assert 0 <= c.device.fsdp_unit_overhead < 1.0  # FSDP2's own time per unit and micro-batch, measured
     assert "fsdp_unit_overhead" in out.read_text()
     tp = c.device.tp_overhead  # DTensor's own time under tensor parallelism, measured over the pair
@@ -373,7 +374,7 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     assert calibrate_main(["--refresh", str(out), "-o", str(tmp_path / "now.yaml")]) == 0
     now = load(Cluster, tmp_path / "now.yaml")
     pace = now.device.pace_reference_s / c.device.pace_reference_s
-    assert 0.2 < pace < 5 and 0 < now.device.compute_share <= 1
+    assert 0.2 < pace < 5 and 0 < now.device.compute_share <= 1 and 0 <= now.device.collective_wait_s < 1.0
     assert now.device.op_costs["fp32"]["linear"].fwd_fixed_s == pytest.approx(ops["linear"].fwd_fixed_s * pace, rel=1e-3)
     assert now.intra_node == c.intra_node
     assert children() <= before

@@ -16,13 +16,13 @@ from trainplan.runtime.calibrate import CalibrationError, calibrate_main
 from trainplan.runtime.calibrate_refresh import refreshed, render_refreshed
 
 
-def calibrated(share: float = 0.4, reference: float = 0.01) -> Cluster:
+def calibrated(share: float = 0.4, reference: float = 0.01, wait: float = 0.0) -> Cluster:
     """cpu-local with a small measured operator table, as `trainplan calibrate` writes one."""
     data = preset_dict("cpu-local")
     cost = {"per": "element", "fwd_fixed_s": 4e-6, "fwd_per_unit_s": 1e-9, "bwd_fixed_s": 8e-6, "bwd_per_unit_s": 2e-9}
     flop = dict(cost, per="flop", fwd_per_unit_s=1e-11, bwd_per_unit_s=2e-11)
     data["device"].update(
-        compute_share=share, pace_reference_s=reference, fsdp_unit_overhead=1e-3,
+        compute_share=share, pace_reference_s=reference, fsdp_unit_overhead=1e-3, collective_wait_s=wait,
         tp_overhead={"module_fwd_s": 1e-4, "module_bwd_s": 2e-4, "param_step_s": {"adam": 5e-6}},
         op_costs={"fp32": {**{op: cost for op in ("add", "view", "gelu", "layer_norm", "embedding", "module_call")},
                            "linear": flop, "scaled_dot_product_attention": flop}})
@@ -44,6 +44,14 @@ def test_measured_costs_follow_the_pace_and_the_share_is_the_new_one(pace: float
     assert after.device.compute_share == pytest.approx(share, rel=1e-2)
     assert after.device.pace_reference_s == pytest.approx(before.device.pace_reference_s * pace, rel=1e-3)
     assert after.intra_node == before.intra_node and after.device.memory == before.device.memory
+
+
+def test_the_collective_wait_is_replaced_by_the_one_measured_now_or_kept() -> None:
+    before = calibrated(wait=4e-3)
+    after, _ = refreshed(before, 0.4, 0.01, 6e-3)
+    assert after.device.collective_wait_s == pytest.approx(6e-3)
+    kept, _ = refreshed(before, 0.4, 0.01)  # a probe that did not measure it (None) keeps the calibrated one
+    assert kept.device.collective_wait_s == pytest.approx(4e-3)
 
 
 def test_the_estimate_follows_a_slower_machine() -> None:
@@ -78,6 +86,8 @@ def test_the_refreshed_yaml_reads_back_and_says_what_changed() -> None:
     assert Cluster.model_validate(yaml.safe_load(text)) == after
     assert text.startswith("# Refreshed by `trainplan calibrate --refresh cal.yaml`") and "pace x1.200" in text
     assert "compute_share 0.4 -> 0.35" in text
+    after, pace = refreshed(before, 0.35, 0.012, 5e-3)
+    assert "collective_wait_s 0 -> 0.005" in render_refreshed(after, before, pace, Path("cal.yaml"))
 
 
 def test_cli_refresh_of_a_preset_cluster_is_a_clear_error(tmp_path: Path) -> None:

@@ -142,3 +142,13 @@ def test_compute_share_is_the_lockstep_measurement_capped_by_the_cores() -> None
     assert measured_share(None, 2, 4, 1, "gloo") == 0.5
     assert measured_share(0.7, 4, 2, 1, "gloo") == 0.7  # each worker has its cores, but not the memory alone
     assert measured_share(0.3, 2, 4, 1, "nccl") == 1.0
+
+
+def test_collective_wait_is_the_lockstep_probes_third_figure_on_gloo_only() -> None:
+    from trainplan.runtime.calibrate import collective_wait
+
+    assert collective_wait([0.34, 0.01, 0.004], "gloo") == 0.004
+    assert collective_wait([0.34, 0.01, -1e-4], "gloo") == 0.0  # noise below zero: nothing to charge
+    assert collective_wait([0.34, 0.01], "gloo") == 0.0  # a probe without it
+    assert collective_wait(None, "gloo") == 0.0  # one process: no probe
+    assert collective_wait([0.34, 0.01, 0.004], "nccl") == 0.0

@@ -100,6 +100,16 @@ class Device(Strict):
         "and scales the measured costs by the ratio, so that a calibration follows a shared machine's "
         "current speed; None: not measured.",
     )
+    collective_wait_s: Seconds = Field(
+        0.0,
+        description="Seconds a blocking collective adds to a training step beyond its time alone, where CPU "
+        "worker processes outnumber the cores: a rank that waits in a collective gives its core away and, "
+        "once the collective completes, waits for the scheduler to hand one back (a time slice of the "
+        "ranks still computing). The planner charges it once per DDP gradient synchronisation, ZeRO-1 "
+        "parameter broadcast and BatchNorm buffer broadcast (once per micro-batch) on gloo. Measured by "
+        "`trainplan calibrate` (the lockstep probe with and without its collectives); 0 (the presets) "
+        "leaves it out.",
+    )
     fsdp_unit_overhead: Seconds = Field(
         0.0,
         description="Framework time per FSDP2 unit and micro-batch (forward + backward) beyond its collectives "

@@ -55,7 +55,7 @@ from trainplan.runtime.calibrate_links import (  # noqa: F401 - re-exported: cal
     native_collective_latency,
 )
 from trainplan.runtime.calibrate_links import round_significant as _sig
-from trainplan.runtime.calibrate_ops import compute_share, measured_share, op_table, slowest_op_timings  # noqa: F401 - compute_share re-exported
+from trainplan.runtime.calibrate_ops import collective_wait, compute_share, measured_share, op_table, slowest_op_timings  # noqa: F401 - compute_share re-exported
 from trainplan.runtime.calibrate_ops import slowest_tp_overhead, tp_overhead_fields
 from trainplan.runtime.op_bench import OpTiming
 
@@ -290,6 +290,7 @@ class Measurement:
     recompute: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per dtype, calibrate_framework.recompute_overhead (rank 0)
     compute_share: float = 1.0  # fraction of its speed a worker keeps while all compute (CPU processes sharing cores)
     pace_reference_s: float | None = None  # the lockstep probe's step alone on rank 0 (calibrate_framework.lockstep_pace)
+    collective_wait_s: float = 0.0  # what a blocking collective adds to a step beyond its time alone (lockstep_pace)
     fsdp_unit: dict[str, float] | None = None  # calibrate_framework.fsdp_unit_time, slowest rank per figure (None: not measured)
     tp_overhead: dict[str, Any] | None = None  # calibrate_framework.tp_overhead, slowest rank per figure (None: not measured)
     all_gather: tuple[tuple[int, float], ...] = ()  # (full buffer bytes, seconds) of all_gather_into_tensor, rank 0
@@ -355,6 +356,7 @@ def measure(*, nproc: int, backend: str | None = None, quick: bool = False,
         recompute={dt: {k: (float(a), float(b)) for k, (a, b) in d.items()} for dt, d in results[0].get("recompute", {}).items()},
         compute_share=measured_share((results[0].get("lockstep") or [None])[0], usable_cores(), nproc, threads, backend),
         pace_reference_s=(results[0].get("lockstep") or [None, None])[1],
+        collective_wait_s=collective_wait(results[0].get("lockstep"), backend),
         fsdp_unit={k: max(r["fsdp_unit"][k] for r in results) for k in results[0]["fsdp_unit"]}
         if "fsdp_unit" in results[0] else None,
         tp_overhead=slowest_tp_overhead([r.get("tp_overhead") for r in results]))
@@ -385,6 +387,8 @@ def cluster_from_measurement(m: Measurement, base: str | None = None) -> Cluster
         measured["device"]["compute_share"] = _sig(m.compute_share, 3)
         if m.pace_reference_s is not None:
             measured["device"]["pace_reference_s"] = _sig(m.pace_reference_s)
+        if m.collective_wait_s > 0:
+            measured["device"]["collective_wait_s"] = _sig(m.collective_wait_s)
         measured["device"]["op_costs"] = {dtype: {op: {k: (_sig(v) if isinstance(v, float) else v) for k, v in c.items()}
                                                   for op, c in op_table(m, dtype).items()}
                                           for dtype in m.ops}

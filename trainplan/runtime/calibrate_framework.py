@@ -6,7 +6,8 @@ as the model. Each probe times a small synthetic network with and without one me
 every rank at once, in interleaved rounds whose median it keeps (a shared machine's speed comes
 and goes), and separates the framework's time from the collectives the mechanism sends:
 
-* :func:`lockstep_share`: the speed a worker keeps when all train in lockstep (time-sliced cores);
+* :func:`lockstep_pace`: the speed a worker keeps when all train in lockstep (time-sliced cores),
+  and what a blocking collective adds to a step beyond its time alone;
 * :func:`fsdp_unit_time`: per FSDP2 unit, what its all-gather, its reduce-scatter and its hooks add
   inside a training step;
 * :func:`tp_overhead`: DTensor around each tensor-parallel layer, the vocabulary-parallel loss,
@@ -44,7 +45,7 @@ def barrier(ctx: WorkerContext) -> None:
 
 FSDP_UNITS = 4  # blocks of the synthetic network sharded as FSDP2 units in :func:`fsdp_unit_time`
 FRAMEWORK_ROUNDS = 5  # rounds of :func:`fsdp_unit_time` and :func:`tp_overhead`; the median round is kept
-QUICK_ROUNDS = 3  # the same, and of :func:`lockstep_share`, under ``trainplan calibrate --quick``
+QUICK_ROUNDS = 3  # the same, and of :func:`lockstep_pace`, under ``trainplan calibrate --quick``
 
 
 def _timed_loop(ctx: WorkerContext, fn: Callable[[], object], steps: int) -> float:
@@ -111,26 +112,36 @@ def fsdp_unit_time(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_
     return {"gather_s": gather, "scatter_s": scatter, "hooks_s": hooks, "unit_bytes": float(unit_bytes)}
 
 
-LOCKSTEP_STEPS = 16  # synthetic training steps per phase of :func:`lockstep_share`
-LOCKSTEP_ROUNDS = 9  # rounds of (alone, together, collectives alone); the median round's share is kept
+LOCKSTEP_STEPS = 16  # synthetic training steps per phase of :func:`lockstep_pace`
+LOCKSTEP_ROUNDS = 9  # rounds of (alone, together, collectives alone, all computing); the medians are kept
 # (single rounds range 0.25-0.40 on 4 processes / 2 cores; medians of 5 moved by ±5% between calls)
 
 
-def lockstep_pace(ctx: WorkerContext, rounds: int = LOCKSTEP_ROUNDS) -> tuple[float, float] | None:
-    """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep, and
-    that solo speed.
+def lockstep_pace(ctx: WorkerContext, rounds: int = LOCKSTEP_ROUNDS) -> tuple[float, float, float] | None:
+    """The fraction of its solo speed a CPU worker keeps when every worker trains in lockstep, that
+    solo speed, and what a blocking collective adds to a step beyond its time alone.
 
     A synthetic data-parallel step: forward and backward of a generic 4-layer network
     (:class:`trainplan.runtime.op_bench._SyntheticBlock`, a few ms of work), an all-reduce of its
     gradients' size (DDP's), an Adam update and an all-gather of two numbers per rank (the runtime's
     per-step loss and memory report). Rank 0 first runs the compute alone while the others wait;
-    then every rank runs whole steps; then the collectives alone.
-    ``share = t_solo / (t_lockstep − t_collectives)`` and ``t_solo`` (seconds of one step's compute
-    alone) on rank 0 (``None`` elsewhere), each the median of ``rounds`` rounds (:data:`LOCKSTEP_ROUNDS`). Where the workers outnumber the cores this is well below
-    ``cores / workers``: a worker that reaches a collective first waits, descheduled, for the
-    slowest, the step runs at the pace of the worst-served worker, and gloo reduces the gradients
-    on the same cores (4 workers on 2 cores: about 0.25-0.4, not 0.5). The planner divides the
-    measured operator costs by it (``device.compute_share``).
+    then every rank runs whole steps; then the collectives alone; then every rank the compute
+    with no collective. On rank 0 (``None`` elsewhere), each the median of ``rounds`` rounds
+    (:data:`LOCKSTEP_ROUNDS`):
+
+    * ``share = t_solo / (t_lockstep − t_collectives)``. Where the workers outnumber the cores this
+      is well below ``cores / workers``: a worker that reaches a collective first waits,
+      descheduled, for the slowest, the step runs at the pace of the worst-served worker, and gloo
+      reduces the gradients on the same cores (4 workers on 2 cores: about 0.25-0.4, not 0.5). The
+      planner divides the measured operator costs by it (``device.compute_share``).
+    * ``t_solo``, seconds of one step's compute alone (``device.pace_reference_s``).
+    * ``wait = (t_lockstep − t_free − t_collectives) / 2`` (``device.collective_wait_s``), with
+      ``t_free`` the step's compute on every rank at once and no collective: what each of the
+      step's two collectives adds beyond its time alone. A rank that blocks in a collective gives
+      its core to the ranks still computing and, once the collective completes, waits for a time
+      slice to get one back. On 4 processes / 2 cores it came to 4-7 ms per collective whatever the
+      compute (3.6, 6.4, 5.9, 6.7 ms at 64, 256, 1024, 2048 tokens); alone in a step, a
+      2-element all-reduce added 6.7-6.8 ms and the 1.1 MB one 8.7-9 ms beyond its time alone.
     """
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[_SyntheticBlock(128) for _ in range(4)])
@@ -160,13 +171,16 @@ def lockstep_pace(ctx: WorkerContext, rounds: int = LOCKSTEP_ROUNDS) -> tuple[fl
 
     for _ in range(2):
         step()
-    shares, solos = [], []
+    shares, solos, waits = [], [], []
     for _ in range(rounds):
         solo = timed(compute) if ctx.rank == 0 else timed(lambda: None)
-        together, alone = timed(step), timed(collectives)
+        together, alone, free = timed(step), timed(collectives), timed(compute)
         shares.append(min(1.0, solo / max(together - alone, solo)))
         solos.append(solo)
-    return (statistics.median(shares), statistics.median(solos)) if ctx.rank == 0 else None
+        waits.append(max(0.0, (together - free - alone) / 2))
+    if ctx.rank != 0:
+        return None
+    return statistics.median(shares), statistics.median(solos), statistics.median(waits)
 
 
 TP_DEGREE = 2  # tensor-parallel group size of :func:`tp_overhead` (pairs of ranks)

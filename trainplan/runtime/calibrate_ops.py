@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def measured_share(lockstep: float | None, cores: int, nproc: int, threads: int, backend: str) -> float:
-    """``device.compute_share``: the lockstep measurement (:func:`calibrate_framework.lockstep_share`),
+    """``device.compute_share``: the lockstep measurement (:func:`calibrate_framework.lockstep_pace`),
     never above ``cores / (processes · threads)``; 1 on GPUs. Even where every worker has its cores,
     the workers of one machine share its memory bandwidth and caches, and gloo's threads take CPU
     time from them: the measurement keeps that too."""
@@ -23,6 +23,15 @@ def measured_share(lockstep: float | None, cores: int, nproc: int, threads: int,
         return 1.0
     bound = compute_share(cores, nproc, threads)
     return bound if lockstep is None else min(bound, lockstep)
+
+
+def collective_wait(lockstep: Sequence[float] | None, backend: str) -> float:
+    """``device.collective_wait_s``: the lockstep probe's wait per collective
+    (:func:`calibrate_framework.lockstep_pace`) on gloo; 0 on other backends or where the probe did
+    not run (one process, or an older probe's two-figure result)."""
+    if backend != "gloo" or not lockstep or len(lockstep) < 3:
+        return 0.0
+    return max(0.0, float(lockstep[2]))
 
 
 def compute_share(cores: int, nproc: int, threads: int) -> float:

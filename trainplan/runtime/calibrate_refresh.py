@@ -53,9 +53,10 @@ def check_refreshable(cluster: Cluster) -> None:
                                "run a full `trainplan calibrate` first")
 
 
-def refreshed(cluster: Cluster, share: float, solo_s: float) -> tuple[Cluster, float]:
+def refreshed(cluster: Cluster, share: float, solo_s: float, wait_s: float | None = None) -> tuple[Cluster, float]:
     """``cluster`` at the pace of a lockstep probe that measured ``share`` and ``solo_s`` seconds alone,
-    and that pace (``solo_s / device.pace_reference_s``: above 1, the machine is slower now)."""
+    and that pace (``solo_s / device.pace_reference_s``: above 1, the machine is slower now).
+    ``wait_s``: the probe's ``collective_wait_s`` now, which replaces the calibrated one (None keeps it)."""
     check_refreshable(cluster)
     device = cluster.device
     if solo_s <= 0 or not 0 < share <= 1:
@@ -73,6 +74,8 @@ def refreshed(cluster: Cluster, share: float, solo_s: float) -> tuple[Cluster, f
                    else round_significant(value * pace))
     d["fsdp_unit_overhead"] = round_significant(d.get("fsdp_unit_overhead", 0.0) * pace)
     d["compute_share"] = round_significant(share, 3)
+    if wait_s is not None:
+        d["collective_wait_s"] = round_significant(max(0.0, wait_s))
     d["pace_reference_s"] = round_significant(solo_s)
     return Cluster.model_validate(data), pace
 
@@ -92,7 +95,7 @@ def refresh(cluster: Cluster, *, timeout_s: float = 120.0) -> tuple[Cluster, flo
     if not lockstep:
         raise CalibrationError("the lockstep probe returned nothing on rank 0")
     share = measured_share(float(lockstep[0]), usable_cores(), nproc, threads, backend)
-    return refreshed(cluster, share, float(lockstep[1]))
+    return refreshed(cluster, share, float(lockstep[1]), float(lockstep[2]) if len(lockstep) > 2 else None)
 
 
 def render_refreshed(cluster: Cluster, before: Cluster, pace: float, source: Path) -> str:
@@ -102,7 +105,8 @@ def render_refreshed(cluster: Cluster, before: Cluster, pace: float, source: Pat
         f"Refreshed by `trainplan calibrate --refresh {source}` at {when}: the lockstep probe's step alone took "
         f"{cluster.device.pace_reference_s:.4g} s against {before.device.pace_reference_s:.4g} s before (pace x{pace:.3f}); "
         f"op_costs, tp_overhead and fsdp_unit_overhead scaled by it; compute_share {before.device.compute_share:.3g} -> "
-        f"{cluster.device.compute_share:.3g} (measured now). Links are as calibrated.",
+        f"{cluster.device.compute_share:.3g} and collective_wait_s {before.device.collective_wait_s:.3g} -> "
+        f"{cluster.device.collective_wait_s:.3g} (measured now). Links are as calibrated.",
     ]
     data: dict[str, Any] = cluster.model_dump(mode="json", by_alias=True, exclude_none=True)
     text = "\n".join(f"# {line}" for line in header) + "\n" + yaml.safe_dump(data, sort_keys=False,

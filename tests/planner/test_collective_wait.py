@@ -1,0 +1,86 @@
+"""``device.collective_wait_s``: what DDP's blocking collectives add to a step on a time-sliced CPU
+(:func:`trainplan.planner.evaluate.ddp_waits`)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainplan import api
+
+GPT = {"catalogue": "gpt", "args": {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "seq_len": 32}}
+CNN = {"catalogue": "cnn", "args": {"classes": 10, "widths": [8, 16], "blocks": 1}}
+FIXED = {"tp": 1, "pp": 1, "micro_batch": 1, "recompute": "none", "allreduce": "native", "compression": "none"}
+
+
+def cluster(wait: float, backend: str = "gloo", devices: int = 4) -> dict:
+    return {"preset": "cpu-local", "devices_per_node": devices, "backend": backend, "device": {"collective_wait_s": wait}}
+
+
+def plan(model: dict, wait: float, backend: str = "gloo", devices: int = 4, **parallel):
+    spec = {"name": "wait", "model": model, "task": {"kind": "classification" if model is CNN else "lm"},
+            "training": {"global_batch": 8, "precision": "fp32", "optimizer": "adam", "steps": 1, "seed": 0},
+            "cluster": cluster(wait, backend, devices), "parallel": {**FIXED, **parallel}}
+    return api.plan(api.spec_from_dict(spec))[0]
+
+
+def added(model: dict, wait: float = 5e-3, devices: int = 4, **parallel) -> tuple[float, float]:
+    """What the wait adds to the exposed dp sync and to the step, against the same plan without it."""
+    without, with_wait = plan(model, 0.0, devices=devices, **parallel), plan(model, wait, devices=devices, **parallel)
+    assert with_wait.num_microbatches == without.num_microbatches
+    return (with_wait.estimate.comm_time_s.dp - without.estimate.comm_time_s.dp,
+            with_wait.estimate.step_time_s - without.estimate.step_time_s)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_ddp_waits_once_per_step_for_its_gradient_sync(zero: int) -> None:
+    dp, step = added(GPT, dp=4, zero=zero)
+    assert dp == pytest.approx(5e-3) and step == pytest.approx(5e-3)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_fsdp_pays_no_wait_its_collectives_are_calibrated_in_a_training_step(zero: int) -> None:
+    assert added(GPT, dp=4, zero=zero) == (pytest.approx(0.0), pytest.approx(0.0))
+
+
+def test_one_replica_has_nothing_to_wait_for() -> None:
+    assert added(GPT, devices=1, dp=1, zero=0) == (pytest.approx(0.0), pytest.approx(0.0))
+
+
+def test_batchnorm_adds_ddps_buffer_broadcast_once_per_micro_batch() -> None:
+    p = plan(CNN, 5e-3, dp=4, zero=0)
+    assert p.num_microbatches == 2
+    dp, step = added(CNN, dp=4, zero=0)
+    assert dp == pytest.approx(5e-3 * (1 + 2)) and step == pytest.approx(dp)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_stages_wait_for_each_sync_and_each_transfer(schedule: str) -> None:
+    """Under DDP the stages' syncs add up (:func:`ddp_syncs_in_chain`): one wait per stage, and no
+    buffer broadcast wait in a pipeline (not measured to add anything, docs/accuracy.md). Each
+    activation or gradient crossing the boundary waits too: the simulated critical path crosses it
+    at least once each way and at most once per transfer (2 per micro-batch)."""
+    dp, step = added(CNN, dp=2, pp=2, zero=0, schedule=schedule)
+    m = plan(CNN, 5e-3, dp=2, pp=2, zero=0, schedule=schedule).num_microbatches
+    assert dp == pytest.approx(2 * 5e-3)
+    assert 2 * 5e-3 - 1e-9 <= step - dp <= 2 * m * 5e-3 + 1e-9
+
+
+def test_local_sgd_waits_once_every_h_steps_and_async_never() -> None:
+    period = 4
+    dp, _ = added(GPT, dp=4, zero=0, sync="local_sgd", comm={"local_sgd_period": period})
+    assert dp == pytest.approx(5e-3 / period)
+    assert added(GPT, dp=4, zero=0, sync="async") == (pytest.approx(0.0), pytest.approx(0.0))
+
+
+def test_nccl_pays_no_wait() -> None:
+    without, with_wait = plan(GPT, 0.0, "nccl", dp=4, zero=0), plan(GPT, 5e-3, "nccl", dp=4, zero=0)
+    assert with_wait.estimate.step_time_s == pytest.approx(without.estimate.step_time_s)
+
+
+@settings(max_examples=10, deadline=None)
+@given(wait=st.floats(1e-4, 2e-2), zero=st.sampled_from([0, 1]))
+def test_the_step_grows_by_exactly_the_waits(wait: float, zero: int) -> None:
+    _, step = added(CNN, wait, dp=4, zero=zero)
+    assert step == pytest.approx(3 * wait, rel=1e-6)
