@@ -105,8 +105,9 @@ class Device(Strict):
         description="Seconds a blocking collective adds to a training step beyond its time alone, where CPU "
         "worker processes outnumber the cores: a rank that waits in a collective gives its core away and, "
         "once the collective completes, waits for the scheduler to hand one back (a time slice of the "
-        "ranks still computing). The planner charges it once per DDP gradient synchronisation, ZeRO-1 "
-        "parameter broadcast and BatchNorm buffer broadcast (once per micro-batch) on gloo. Measured by "
+        "ranks still computing). On gloo the planner charges it once per data-parallel gradient exchange, "
+        "per BatchNorm buffer broadcast (DDP, once per micro-batch) and per stage boundary a pipeline's "
+        "round trip crosses. Measured by "
         "`trainplan calibrate` (the lockstep probe with and without its collectives); 0 (the presets) "
         "leaves it out.",
     )

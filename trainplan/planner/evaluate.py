@@ -357,11 +357,7 @@ def interleaved_stages(ctx: Context, lay: Layout, model: ModelCosts, px: _Prefix
 
 
 def p2p_seconds(ctx: Context, lay: Layout, model: ModelCosts) -> float:
-    """One micro-batch's activation crossing a stage boundary (scatter/gather when TP > 1), plus, on
-    gloo, ``device.collective_wait_s``: the receiving rank blocks in the transfer like in a
-    collective (:func:`ddp_waits`). The event simulation charges it on every cross-stage edge of
-    the critical path. Measured on the bench's pp2-dp2 rows (4 processes, 2 cores): the bubble
-    ran 17-37 ms against 11-12.5 ms estimated without it, forward and backward on estimate."""
+    """One micro-batch's activation crossing a stage boundary (scatter/gather when TP > 1)."""
     if lay.pp == 1:
         return 0.0
     if model.facts is not None:
@@ -370,8 +366,24 @@ def p2p_seconds(ctx: Context, lay: Layout, model: ModelCosts) -> float:
         nbytes = max(u.output_bytes for u in model.units) * lay.micro_batch
     link = cost.group_link(ctx.cluster, lay.pp, lay.dp * lay.tp)
     intra = cost.group_link(ctx.cluster, lay.tp, 1)
-    wait = ctx.cluster.device.collective_wait_s if ctx.cluster.backend == "gloo" else 0.0
-    return cost.pipeline_p2p_time(nbytes, link, lay.tp, scatter_gather=lay.tp > 1, gather_link=intra) + wait
+    return cost.pipeline_p2p_time(nbytes, link, lay.tp, scatter_gather=lay.tp > 1, gather_link=intra)
+
+
+def pipeline_waits(ctx: Context, lay: Layout) -> float:
+    """Seconds a pipeline's transfers wait on a time-sliced CPU beyond their time alone: one
+    ``device.collective_wait_s`` (:func:`ddp_waits`) for each boundary crossing of the round trip
+    the makespan charges transfers for, ``2·(pp·v − 1)``, as a receiving rank blocks in it like in
+    a collective. Not one per transfer: a rank whose input has already arrived does not block.
+    0 without a pipeline or off gloo.
+
+    Measured on the bench's pp2-dp2 rows (``bench/estimate_accuracy.py``, 4 processes on 2 cores):
+    without it, the bubble ran 17-37 ms against 11-12.5 ms estimated, forward and backward on
+    their estimates, and the steps measured -5% to +40% over the estimate in two matrices (20 of 24
+    rows above it); charging the wait on every simulated transfer instead came to +1% to -35% in
+    the next matrix. With it, the three matrices' pipeline rows: docs/accuracy.md."""
+    if lay.pp == 1 or ctx.cluster.backend != "gloo":
+        return 0.0
+    return 2 * (lay.pp * lay.virtual_stages - 1) * ctx.cluster.device.collective_wait_s
 
 
 def pipeline_estimate(lay: Layout, stages: list[StageCost], p2p: float) -> float:
@@ -522,7 +534,9 @@ def ddp_waits(ctx: Context, lay: Layout, model: ModelCosts | None, algo: str) ->
 
     Measured on the catalogue CNN at dp=4, 2 micro-batches, 4 processes on 2 cores: the gradient
     sync took 10-13 ms of the step where its all-reduce alone took 6-7.5 ms, and each forward ran
-    4 ms slower under DDP than without it (the buffer broadcast)."""
+    4 ms slower under DDP than without it (the buffer broadcast). ZeRO-1's parameter broadcast
+    right after the update is not charged: the ranks arrive at it together, just out of the
+    gradient sync (charging it put the four models' ZeRO-1 rows 11-18% under their measurements)."""
     wait = ctx.cluster.device.collective_wait_s
     if wait == 0 or lay.dp == 1 or lay.zero not in (0, 1) or ctx.sync == "async":
         return 0.0
@@ -581,7 +595,7 @@ def evaluate(
     else:
         stages, fits = contiguous_stages(ctx, lay, model, px)
     p2p = p2p_seconds(ctx, lay, model)
-    pipe = pipeline_estimate(lay, stages, p2p)
+    pipe = pipeline_estimate(lay, stages, p2p) + pipeline_waits(ctx, lay)
     dp_s, algo, crosses = dp_exposed(ctx, lay, stages, model)
     # The update runs after the gradients are in; ZeRO-1+ updates a 1/dp shard on each rank.
     shard = lay.dp if lay.zero >= 1 else 1

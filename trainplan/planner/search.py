@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from trainplan.ir.spec import ParallelSpec
 from trainplan.planner import cost
-from trainplan.planner.evaluate import Context, Evaluation, UnitTimes, evaluate, prefix_sums, unit_times
+from trainplan.planner.evaluate import Context, Evaluation, UnitTimes, evaluate, pipeline_waits, prefix_sums, unit_times
 from trainplan.planner.model_costs import ModelCosts
 from trainplan.planner.schedule import compiled, simulate
 from trainplan.planner.space import Layout, layouts
@@ -160,7 +160,7 @@ def refine(ev: Evaluation, model: ModelCosts, ctx: Context) -> Evaluation:
     if lay.pp == 1 or 2 * lay.pp * lay.num_microbatches * lay.virtual_stages > REFINE_MAX_ACTIONS:
         return ev
     timeline = simulate_evaluation(ev)
-    pipe = timeline.makespan
+    pipe = timeline.makespan + pipeline_waits(ctx, lay)
     busiest = max(s.fwd + s.bwd for s in ev.stages)
     bubble = max(0.0, (pipe - lay.num_microbatches * busiest) / pipe)
     return replace(ev, step_time=pipe + ev.dp_exposed_s + ev.optimizer_s, pipeline_s=pipe, bubble_fraction=bubble)
