@@ -1,5 +1,5 @@
 """``device.collective_wait_s``: what DDP's blocking collectives add to a step on a time-sliced CPU
-(:func:`trainplan.planner.evaluate.ddp_waits`)."""
+(:func:`trainplan.planner.gradient_sync.ddp_waits`, :func:`trainplan.planner.evaluate.pipeline_waits`)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ from trainplan.ir.loading import validate
 from trainplan.ir.cluster import Cluster
 from trainplan.ir.spec import ParallelSpec
 from trainplan.planner import cost
-from trainplan.planner.evaluate import Context, allreduce_reason, choose_allreduce
+from trainplan.planner.evaluate import Context
+from trainplan.planner.gradient_sync import allreduce_reason, choose_allreduce
 from trainplan.planner.space import layouts, runtime_runs_comm
 
 

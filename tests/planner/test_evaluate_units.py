@@ -88,7 +88,8 @@ def test_zero3_volume_is_the_papers_one_and_a_half_at_one_microbatch():
 def test_zero3_step_exposes_one_reduce_scatter_and_the_gathers_compute_cannot_hide():
     """A parameter-heavy, compute-light chain: ZeRO-3 exposes the gradient reduce-scatter (no
     all-reduce: the shards are not gathered after the update) plus the 2m all-gathers beyond compute."""
-    from trainplan.planner.evaluate import dp_exposed, evaluate
+    from trainplan.planner.evaluate import evaluate
+    from trainplan.planner.gradient_sync import dp_exposed
     from trainplan.planner.model_costs import ModelCosts, UnitCost
 
     units = tuple(UnitCost(f"u{i}", "other", (f"m{i}",), 5e8, 1e6, 2e6, 1e3, 1e3) for i in range(2))
@@ -239,7 +240,8 @@ def test_zero1_broadcasts_each_owners_bucket_after_the_step():
 
 def test_on_gloo_nothing_hides_the_gradient_exchange():
     """CPU processes move and sum gradients on the cores that compute: exposed time = the whole exchange."""
-    from trainplan.planner.evaluate import dp_exposed, dp_gradient_time, evaluate
+    from trainplan.planner.evaluate import evaluate
+    from trainplan.planner.gradient_sync import dp_exposed, dp_gradient_time
 
     model = model_costs_from_facts(GPT)  # ~0.4 GB of fp32 gradients: many DDP buckets to overlap on GPUs
     ctx = Context(cluster=load_preset("cpu-local"), precision="fp32", optimizer="adam", global_batch=16,
@@ -259,7 +261,8 @@ def test_ddp_syncs_add_up_down_a_pipeline_fsdps_overlap(zero):
     """Under DDP each stage reduces its gradients inside its last backward, before the input gradient
     goes back (torch pipelining's ``backward_maybe_with_nosync``): the exposed syncs of the stages add
     up. FSDP2 reduces after the schedule on every stage at once: the slowest stage's counts."""
-    from trainplan.planner.evaluate import ddp_syncs_in_chain, dp_exposed, evaluate
+    from trainplan.planner.evaluate import evaluate
+    from trainplan.planner.gradient_sync import ddp_syncs_in_chain, dp_exposed
 
     model = model_costs_from_facts(GPT)
     ctx = Context(cluster=load_preset("cpu-local"), precision="fp32", optimizer="adam", global_batch=16,

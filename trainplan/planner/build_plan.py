@@ -17,7 +17,8 @@ from trainplan.ir.plan import (
     spec_hash,
 )
 from trainplan.ir.spec import AUTO, CommSpec, Spec
-from trainplan.planner.evaluate import Context, Evaluation, StageCost, allreduce_reason, hookable
+from trainplan.planner.evaluate import Context, Evaluation, StageCost
+from trainplan.planner.gradient_sync import allreduce_reason, hookable
 from trainplan.planner.explain import memory_reason, slower_reason
 from trainplan.planner.model_costs import ModelCosts
 from trainplan.planner.search import SearchResult
