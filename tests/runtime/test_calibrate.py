@@ -371,7 +371,7 @@ def test_quick_calibration_writes_a_plausible_cluster(tmp_path: Path) -> None:
     assert "trainplan's all-reduce algorithms" in header and "ring" in header and "tree" in header
     assert c.device.pace_reference_s is not None and 0 < c.device.pace_reference_s < 1
     # `--refresh`: the lockstep probe again, and the measured costs at its pace
-    assert calibrate_main(["--refresh", str(out), "-o", str(tmp_path / "now.yaml")]) == 0
+    assert calibrate_main(["--refresh", str(out), "-o", str(tmp_path / "now.yaml"), "--quick"]) == 0
     now = load(Cluster, tmp_path / "now.yaml")
     pace = now.device.pace_reference_s / c.device.pace_reference_s
     assert 0.2 < pace < 5 and 0 < now.device.compute_share <= 1 and 0 <= now.device.collective_wait_s < 1.0

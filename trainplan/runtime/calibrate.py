@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=Path, metavar="CLUSTER",
                    help="instead of a full calibration, bring CLUSTER (a CPU cluster YAML written by `trainplan "
                         "calibrate`) to the machine's current speed: re-run only the lockstep probe (about 15 s) and "
-                        "scale its measured costs and compute_share (see docs/accuracy.md)")
+                        "scale its measured costs and compute_share (see docs/accuracy.md); with --quick, fewer rounds")
     return p
 
 
@@ -564,7 +564,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     """``trainplan calibrate``: measure, print what was measured, write or print the cluster YAML."""
     args = build_parser().parse_args(argv)
     if args.refresh is not None:
-        return _refresh_main(args.refresh, args.output, args.timeout)
+        return _refresh_main(args.refresh, args.output, args.timeout, args.quick)
     backend = resolve_backend(args.backend)
     nproc = args.nproc or default_nproc(backend)
     m = measure(nproc=nproc, backend=backend, quick=args.quick, timeout_s=args.timeout)
@@ -579,14 +579,14 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _refresh_main(source: Path, output: Path | None, timeout_s: float | None) -> int:
-    """``trainplan calibrate --refresh CLUSTER [-o OUT]``: :func:`calibrate_refresh.refresh`, written
-    or printed."""
+def _refresh_main(source: Path, output: Path | None, timeout_s: float | None, quick: bool = False) -> int:
+    """``trainplan calibrate --refresh CLUSTER [-o OUT] [--quick]``: :func:`calibrate_refresh.refresh`,
+    written or printed."""
     from trainplan.ir.loading import load
     from trainplan.runtime.calibrate_refresh import refresh, render_refreshed
 
     before = load(Cluster, source)
-    after, pace = refresh(before, timeout_s=timeout_s or 120.0)
+    after, pace = refresh(before, timeout_s=timeout_s or 120.0, quick=quick)
     text = render_refreshed(after, before, pace, source)
     if output is None:
         print(text, end="")

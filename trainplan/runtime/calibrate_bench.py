@@ -253,5 +253,6 @@ def time_algorithms(ctx: WorkerContext, plan: BenchPlan) -> list[list[Any]]:
 
 def pace_worker(ctx: WorkerContext) -> dict[str, Any]:
     """``trainplan calibrate --refresh``: the lockstep probe alone (:func:`lockstep_pace`), on rank 0
-    ``{"lockstep": [share, solo seconds, collective wait seconds]}``."""
-    return {"lockstep": lockstep_pace(ctx)}
+    ``{"lockstep": [share, solo seconds, collective wait seconds]}``; ``config["quick"]``: the rounds of
+    ``calibrate --quick``."""
+    return {"lockstep": lockstep_pace(ctx, **({"rounds": QUICK_ROUNDS} if ctx.config.get("quick") else {}))}

@@ -80,9 +80,10 @@ def refreshed(cluster: Cluster, share: float, solo_s: float, wait_s: float | Non
     return Cluster.model_validate(data), pace
 
 
-def refresh(cluster: Cluster, *, timeout_s: float = 120.0) -> tuple[Cluster, float]:
+def refresh(cluster: Cluster, *, timeout_s: float = 120.0, quick: bool = False) -> tuple[Cluster, float]:
     """Run the lockstep probe on this machine with the cluster's processes (``devices_per_node``, the
-    process count it was calibrated with) and return :func:`refreshed` of it."""
+    process count it was calibrated with; ``quick``: the fewer rounds of ``calibrate --quick``) and
+    return :func:`refreshed` of it."""
     check_refreshable(cluster)  # before the probe: a preset's cluster fails at once
     backend = resolve_backend("gloo")
     nproc = cluster.devices_per_node
@@ -90,7 +91,8 @@ def refresh(cluster: Cluster, *, timeout_s: float = 120.0) -> tuple[Cluster, flo
         raise CalibrationError("refresh needs the lockstep probe of 2 or more processes; this cluster has "
                                f"devices_per_node {nproc}")
     threads = threads_per_process(usable_cores(), nproc)
-    results = run_local_workers(PACE_TARGET, nproc, backend=backend, config={}, threads=threads, timeout_s=timeout_s)
+    results = run_local_workers(PACE_TARGET, nproc, backend=backend, config={"quick": quick}, threads=threads,
+                                timeout_s=timeout_s)
     lockstep = results[0].get("lockstep")
     if not lockstep:
         raise CalibrationError("the lockstep probe returned nothing on rank 0")
