@@ -104,6 +104,7 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
     algo, _ = choose_allreduce(ctx, largest * ctx.grad_bytes, lay.dp, lay.tp, hookable(lay))
     link = cost.group_link(ctx.cluster, lay.dp, lay.tp)
     units = {id(s): fsdp_units(model, s) for s in stages} if model is not None else {}
+    waits = ddp_waits(ctx, lay, model, algo) if ctx.cluster.backend == "gloo" else 0.0  # the same for every stage
     per_stage: dict[tuple[float, float, float, int], tuple[float, float]] = {}
     for params, fwd, bwd, k in {(s.params, s.fwd, s.bwd, units.get(id(s), 1)) for s in stages}:  # identical stages once
         grad = params * ctx.grad_bytes
@@ -118,7 +119,7 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
         after = cost.zero1_broadcast_time_s(params * ctx.element_bytes, lay.dp, link) if lay.zero == 1 else 0.0
         if ctx.cluster.backend == "gloo":
             # gloo moves and sums the bytes on the same CPU cores the model computes on: nothing hides it
-            exposed = ar + gather + ddp_waits(ctx, lay, model, algo)
+            exposed = ar + gather + waits
         else:
             exposed = cost.dp_overlap_exposed_time(ar, bwd, DDP_BUCKET_BYTES, grad)
             exposed += max(0.0, gather - lay.num_microbatches * (fwd + bwd))

@@ -38,7 +38,7 @@ from trainplan.runtime.calibrate import (
     usable_cores,
 )
 from trainplan.runtime.calibrate_links import round_significant
-from trainplan.runtime.calibrate_ops import measured_share
+from trainplan.runtime.calibrate_ops import collective_wait, measured_share
 
 PACE_TARGET = "trainplan.runtime.calibrate_bench:pace_worker"
 OP_COST_TIMES = ("fwd_fixed_s", "fwd_per_unit_s", "bwd_fixed_s", "bwd_per_unit_s")
@@ -97,7 +97,7 @@ def refresh(cluster: Cluster, *, timeout_s: float = 120.0, quick: bool = False) 
     if not lockstep:
         raise CalibrationError("the lockstep probe returned nothing on rank 0")
     share = measured_share(float(lockstep[0]), usable_cores(), nproc, threads, backend)
-    return refreshed(cluster, share, float(lockstep[1]), float(lockstep[2]) if len(lockstep) > 2 else None)
+    return refreshed(cluster, share, float(lockstep[1]), collective_wait(lockstep, backend))
 
 
 def render_refreshed(cluster: Cluster, before: Cluster, pace: float, source: Path) -> str:
