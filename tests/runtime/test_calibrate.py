@@ -407,6 +407,33 @@ def test_the_recompute_probe_recomputes_what_the_planner_says_selective_recomput
     assert {op for op in names if op not in SELECTIVE_SAVED_OPS} == SELECTIVE_RECOMPUTED
 
 
+def test_the_recompute_probe_counts_saved_tensors_as_the_planner_does() -> None:
+    """The probe divides the machinery's time by SYNTHETIC_SAVED_TENSORS per block; the planner
+    multiplies by the count of the traced block (``saved_tensor_count``): they must be one count."""
+    from trainplan.ir.spec import TaskSpec
+    from trainplan.models.registry import BuiltModel
+    from trainplan.passes import build_graph
+    from trainplan.planner.model_costs import saved_tensor_count
+    from trainplan.runtime.op_bench import SYNTHETIC_SAVED_TENSORS, _SyntheticBlock
+
+    class Network(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([_SyntheticBlock(8) for _ in range(2)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x.mean(-1)
+
+    with torch.device("meta"):
+        net = Network()
+    graph = build_graph(BuiltModel(net, TaskSpec(kind="classification", input_shape=[4, 8], classes=4), None))
+    blocks = [u for u in graph.units if u.kind == "block"]
+    assert len(blocks) == 2
+    assert [saved_tensor_count(graph.unit_nodes(u)) for u in blocks] == [SYNTHETIC_SAVED_TENSORS] * 2
+
+
 @pytest.mark.parametrize("slowdown", [1.0, 1.8])
 def test_the_recompute_probe_reports_at_the_tables_pace(monkeypatch: pytest.MonkeyPatch, slowdown: float) -> None:
     """The checkpointing overhead comes out in the operator table's seconds however fast the machine
@@ -415,6 +442,7 @@ def test_the_recompute_probe_reports_at_the_tables_pace(monkeypatch: pytest.Monk
     from trainplan.runtime import op_bench
     from trainplan.runtime.calibrate_framework import RECOMPUTE_BLOCKS, SELECTIVE_RECOMPUTED, recompute_overhead
 
+    saved = op_bench.SYNTHETIC_SAVED_TENSORS * RECOMPUTE_BLOCKS
     tokens, width = op_bench.IN_SITU_SIZES[0]
     table = {name: {"fwd_fixed_s": 2e-5, "fwd_per_unit_s": 1e-9, "bwd_fixed_s": 3e-5, "bwd_per_unit_s": 2e-9}
              for name, _, _ in op_bench._synthetic_ops(tokens, width)}
@@ -422,7 +450,7 @@ def test_the_recompute_probe_reports_at_the_tables_pace(monkeypatch: pytest.Monk
     plain = [sum(op_bench._predicted(table, network, d)) for d in ("fwd", "bwd")]
     ops = [op for op in network if op[0] != "module_call"]
     redo = {"full": ops, "selective": [op for op in ops if op[0] in SELECTIVE_RECOMPUTED]}
-    machinery = {"full": (10e-6, 20e-6), "selective": (40e-6, 50e-6)}  # per operator, table seconds
+    machinery = {"full": (10e-6, 20e-6), "selective": (40e-6, 50e-6)}  # per saved tensor, table seconds
     order = iter(["none", "full", "selective"] * 10)  # each round times the three modes in this order
 
     def fake_phases(model, x, device, *, rounds, repeats):  # noqa: ANN001, ANN202
@@ -431,7 +459,7 @@ def test_the_recompute_probe_reports_at_the_tables_pace(monkeypatch: pytest.Monk
             return [slowdown * plain[0], slowdown * plain[1]]
         f, b = machinery[mode]
         again = sum(op_bench._predicted(table, redo[mode], "fwd"))
-        return [slowdown * (plain[0] + len(ops) * f), slowdown * (plain[1] + again + len(ops) * b)]
+        return [slowdown * (plain[0] + saved * f), slowdown * (plain[1] + again + saved * b)]
 
     monkeypatch.setattr(op_bench, "network_phases", fake_phases)
     got = recompute_overhead(table, torch.device("cpu"), torch.float32, rounds=3, repeats=1)

@@ -27,8 +27,9 @@ def measured_compute(ctx: Context, u: UnitCost, lay: Layout, loss_bytes: float =
 
     Recomputation adds, to the backward, the forward of what the policy recomputes: every operator
     under ``full``; under ``selective`` those whose outputs the runtime's policy does not keep
-    (:data:`model_costs.SELECTIVE_SAVED_OPS`); and the checkpointing machinery itself, per traced
-    operator of the block and direction (``recompute:full`` / ``recompute:selective`` in the table,
+    (:data:`model_costs.SELECTIVE_SAVED_OPS`); and the checkpointing machinery itself, per tensor the
+    block's ops save for backward (``u.saved_tensors``, :func:`model_costs.saved_tensor_count`) and
+    direction (``recompute:full`` / ``recompute:selective`` in the table,
     :func:`trainplan.runtime.calibrate_framework.recompute_overhead`). The last unit also runs the loss
     (:func:`cost.ops.loss_time_s`, ``loss_bytes / 4`` logits per sample, see
     :func:`model_costs.loss_saved_bytes`).
@@ -44,9 +45,8 @@ def measured_compute(ctx: Context, u: UnitCost, lay: Layout, loss_bytes: float =
         redo = frozenset(base_name(use.op) for use in u.ops) - SELECTIVE_SAVED_OPS
         bwd += ops_time_s(u.ops, table, lay.micro_batch, tp, only=redo)[0]
     machinery = table.get(f"recompute:{lay.recompute}") if u.kind == "block" else None
-    if machinery is not None:  # torch.utils.checkpoint / the selective policy, per traced operator
-        calls = sum(use.calls for use in u.ops if use.op != "module_call")
-        fwd, bwd = fwd + calls * machinery.fwd_fixed_s, bwd + calls * machinery.bwd_fixed_s
+    if machinery is not None:  # torch.utils.checkpoint / the selective policy, per saved tensor
+        fwd, bwd = fwd + u.saved_tensors * machinery.fwd_fixed_s, bwd + u.saved_tensors * machinery.bwd_fixed_s
     lf, lb = loss_time_s(table, loss_bytes / 4, lay.micro_batch, tp)
     df, db = dtensor_time(ctx, u, lay, loss=loss_bytes > 0)
     share = ctx.cluster.device.compute_share  # the table is one device at full speed; all of them run at once

@@ -13,7 +13,7 @@ and goes), and separates the framework's time from the collectives the mechanism
 * :func:`tp_overhead`: DTensor around each tensor-parallel layer, the vocabulary-parallel loss,
   and the optimizer's update of each DTensor parameter;
 * :func:`recompute_overhead`: ``torch.utils.checkpoint``'s and the selective policy's own work per
-  operator of a recomputed block.
+  tensor a recomputed block saves for backward.
 
 Every rank must call the first three (they run collectives over the whole group);
 :func:`recompute_overhead` runs in one process, beside the operator table it is measured against.
@@ -325,7 +325,7 @@ RECOMPUTE_BLOCKS = 4
 
 def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device, dtype: torch.dtype, *,
                        rounds: int = FRAMEWORK_ROUNDS, repeats: int = 7) -> dict[str, list[float]]:
-    """Seconds per traced operator of a checkpointed block that activation recomputation adds beyond
+    """Seconds per saved tensor of a checkpointed block that activation recomputation adds beyond
     the recomputed work itself, forward and backward: ``{"full": [fwd, bwd], "selective": [fwd, bwd]}``,
     on this process alone (at full speed, like the operator table ``table``, which
     :func:`trainplan.runtime.op_bench.apply_in_situ` made).
@@ -338,16 +338,26 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
     Timed here on the generic network (:class:`~trainplan.runtime.op_bench._SyntheticBlock` ×
     :data:`RECOMPUTE_BLOCKS`, at the first in-situ size) with the runtime's own
     :func:`~trainplan.runtime.recompute.apply_recompute` under each policy and without, as
-    ``(t_policy − t_none − recomputed) / operators``, where ``recomputed`` is the table's forward of
+    ``(t_policy − t_none − recomputed) / saved``, where ``recomputed`` is the table's forward of
     what the policy recomputes (every operator under ``full``, :data:`SELECTIVE_RECOMPUTED` under
-    ``selective``) and ``operators`` counts the traced calls the planner counts (module calls aside).
+    ``selective``) and ``saved`` counts the tensors the blocks' ops save for backward as the planner
+    counts them (:data:`~trainplan.runtime.op_bench.SYNTHETIC_SAVED_TENSORS` per block,
+    ``planner.model_costs.saved_tensor_count``): the machinery handles saved tensors one by one, and
+    a light operator that saves nothing (a view, an add) costs it next to nothing.
     The three run back to back in each of ``rounds`` rounds and each figure is the median round's;
     each round's differences are converted to the table's pace, the table's prediction of the
     plain network over its time in that round (the table was timed minutes earlier, and the
     machine's speed moves in between: without this, calibrations gave 11-22 µs per operator for
     ``full``'s forward where this process alone measures 11-12 µs).
     """
-    from trainplan.runtime.op_bench import IN_SITU_SIZES, _act, _predicted, _synthetic_ops, network_phases
+    from trainplan.runtime.op_bench import (
+        IN_SITU_SIZES,
+        SYNTHETIC_SAVED_TENSORS,
+        _act,
+        _predicted,
+        _synthetic_ops,
+        network_phases,
+    )
     from trainplan.runtime.recompute import apply_recompute
 
     tokens, width = IN_SITU_SIZES[0]
@@ -362,13 +372,14 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
     recomputed = {mode: sum(_predicted(table, redo[mode], "fwd")) for mode in redo}
     network = _synthetic_ops(tokens, width) * RECOMPUTE_BLOCKS
     expected = [sum(_predicted(table, network, direction)) for direction in ("fwd", "bwd")]  # the table's "none"
+    saved = SYNTHETIC_SAVED_TENSORS * RECOMPUTE_BLOCKS
     figures: dict[str, list[tuple[float, float]]] = {mode: [] for mode in redo}
     for _ in range(rounds):  # the three modes back to back in every round: a slow spell hits all of them
         times = {mode: network_phases(model, x, device, rounds=1, repeats=repeats) for mode, model in models.items()}
         # this round's pace against the table's: the differences in the table's seconds
         pace = [e / t for e, t in zip(expected, times["none"])]
         for mode in redo:
-            figures[mode].append(((times[mode][0] - times["none"][0]) * pace[0] / len(ops),
-                                  ((times[mode][1] - times["none"][1]) * pace[1] - recomputed[mode]) / len(ops)))
+            figures[mode].append(((times[mode][0] - times["none"][0]) * pace[0] / saved,
+                                  ((times[mode][1] - times["none"][1]) * pace[1] - recomputed[mode]) / saved))
     return {mode: [max(0.0, statistics.median(f for f, _ in rows)), max(0.0, statistics.median(b for _, b in rows))]
             for mode, rows in figures.items()}

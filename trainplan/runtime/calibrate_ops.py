@@ -56,7 +56,7 @@ def op_table(m: Measurement, dtype: str) -> dict[str, dict[str, float]]:
     """The per-operator table of ``dtype``: the fits of the probes (:func:`fit_op_costs`), their fixed
     costs scaled by the in-situ factors measured on a generic network (:func:`apply_in_situ`), and
     ``recompute:full`` / ``recompute:selective``: the checkpointing machinery's forward and backward
-    seconds per traced operator of a recomputed block (:func:`calibrate_framework.recompute_overhead`),
+    seconds per tensor a recomputed block saves for backward (:func:`calibrate_framework.recompute_overhead`),
     as fixed costs."""
     table = apply_in_situ(fit_op_costs(list(m.ops[dtype])), m.in_situ.get(dtype, {}))
     for mode, (fwd, bwd) in sorted(m.recompute.get(dtype, {}).items()):
