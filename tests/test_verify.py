@@ -58,3 +58,49 @@ def test_verify_passes_a_good_plan_and_fails_a_perturbed_run(tmp_path: Path, mon
     out = capsys.readouterr().out
     assert "dp=2" in out and "zero=1" in out and "on 2 processes" in out
     assert "FAIL" in out and "differ" in out and "step 1: loss" in out  # parameters and the second step's loss
+
+
+def test_only_elements_with_a_near_zero_gradient_get_adams_noise_bound(tmp_path: Path) -> None:
+    """Adam turns the rounding of a gradient at noise level into steps of up to lr: those elements
+    (every attention key bias here) are held to 4·lr·steps; every other element to 1e-5, however few
+    of a tensor's elements are noisy."""
+    import torch
+
+    from trainplan.verify import EXACT_LOSS_RTOL, EXACT_PARAM_ATOL, Verdict, _compare_params, _noisy_elements
+
+    small = big_plan(dp=8, tp=1, pp=1, zero=0)
+    noisy = _noisy_elements(small)
+    bias = next(n for n in noisy if n.endswith("attn.k.bias"))
+    assert bool(noisy[bias].all())  # softmax ignores a constant shift: no gradient at all
+    weight = next(n for n in small_params(small) if n.endswith("attn.v.weight"))
+    bound = 4 * small.spec.training.lr * small.spec.training.steps
+
+    def verdict_with(changes: dict[str, float]) -> Verdict:
+        ref = small_params(small)
+        ours = {n: t.clone() for n, t in ref.items()}
+        for name, delta in changes.items():
+            held = ~noisy.get(name, torch.zeros_like(ours[name], dtype=torch.bool))
+            ours[name].view(-1)[int(held.view(-1).nonzero()[0]) if name == weight else 0] += delta
+        for side, params in (("parallel", ours), ("reference", ref)):
+            (tmp_path / side / "params").mkdir(parents=True, exist_ok=True)
+            torch.save(params, tmp_path / side / "params" / "stage-0.pt")
+        verdict = Verdict(True, "test", EXACT_LOSS_RTOL, EXACT_PARAM_ATOL)
+        _compare_params(verdict, small, tmp_path / "parallel", tmp_path / "reference")
+        return verdict
+
+    assert verdict_with({bias: 0.5 * bound}).passed
+    bad = verdict_with({weight: 2e-5})
+    assert not bad.passed and bad.worst_param == weight and "allowed 1e-05" in bad.failures[0]
+    loose = verdict_with({bias: 2 * bound})
+    assert not loose.passed and "near-zero gradient" in loose.failures[0]
+
+
+def small_params(p: Plan) -> dict:
+    """The serial model's initial parameters, by name (what a run's ``params/stage-*.pt`` holds)."""
+    import torch
+
+    from trainplan.runtime.materialize import build_meta_model, materialize_local, model_aliases
+
+    model = build_meta_model(p.spec).module
+    materialize_local([model], device=torch.device("cpu"), seed=p.spec.training.seed, aliases=model_aliases(model))
+    return {n: t.detach().clone() for n, t in model.named_parameters()}

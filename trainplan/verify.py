@@ -12,10 +12,14 @@ same spec (:func:`trainplan.runtime.launch.run_reference`): the loss of every st
 parameters.
 
 Tolerances: synchronous fp32 without compression — the runtime's contract — 1e-5 relative on
-each step's loss and 1e-5 (absolute, the parameters are O(1)) on each final parameter. Parameters
-whose true gradient is zero (attention key biases: softmax ignores a constant shift) carry rounding
-noise that Adam turns into steps of up to ``lr`` each, so with Adam they are held to that bound
-(``4·lr·steps``) instead. bf16/fp16, gradient compression and non-synchronous modes change the
+each step's loss and 1e-5 (absolute, the parameters are O(1)) on each final parameter. Elements
+whose gradient is at rounding-noise level (below :data:`NOISY_GRAD` in the serial run's first
+step: attention key biases, whose true gradient is zero since softmax ignores a constant shift, or
+a weight element whose gradient terms cancel) are different: Adam's step ``lr·g/(|g|+ε)`` turns
+the rounding of a different summation order into steps of up to ``lr`` each, so with Adam they
+are held to that bound (``4·lr·steps``) instead. Seen on an AMD EPYC: one element of a 1024-element
+value projection with a first-step gradient of 4e-8 (the tensor's median: 2e-3) ended 2.2e-5 from
+the serial run, its other elements within 4e-7. bf16/fp16, gradient compression and non-synchronous modes change the
 numbers by design: 2e-2 relative on losses and 5e-2 on parameters (bf16 and fp16 runs of the
 runtime's tests train within 2% of fp32).
 
@@ -39,6 +43,9 @@ EXACT_LOSS_RTOL = 1e-5
 EXACT_PARAM_ATOL = 1e-5
 LOOSE_LOSS_RTOL = 2e-2
 LOOSE_PARAM_ATOL = 5e-2
+# A first-step gradient below this is rounding noise to Adam (100x its default ε = 1e-8): the step
+# lr·g/(|g|+ε) then moves by lr·ε/(|g|+ε)² per unit of g, 1e2 or more at lr = 1e-2 (module docstring).
+NOISY_GRAD = 1e-6
 SMALL = {"hidden": 32, "heads": 4, "vocab": 64, "seq_len": 16}
 
 
@@ -166,25 +173,32 @@ def _compare_params(verdict: Verdict, plan: Plan, parallel: Path, reference: Pat
 
     ours, ref = _params(parallel), _params(reference)
     aliases = model_aliases(build_meta_model(plan.spec).module)
-    noisy = _zero_gradient_params(plan) if plan.spec.training.optimizer != "sgd" else set()
-    adam_bound = 4 * plan.spec.training.lr * plan.spec.training.steps  # |Adam step| < 4 lr
+    noisy = _noisy_elements(plan) if plan.spec.training.optimizer != "sgd" else {}
+    adam_bound = max(4 * plan.spec.training.lr * plan.spec.training.steps, verdict.param_atol)  # |Adam step| < 4 lr
     for name, value in sorted(ours.items()):
         canonical = aliases.get(name, name)
         if canonical not in ref:
             verdict.passed = False
             verdict.failures.append(f"{name}: not in the single-process model")
             continue
-        diff = float((value.float() - ref[canonical].float()).abs().max())
-        limit = max(adam_bound, verdict.param_atol) if canonical in noisy else verdict.param_atol
-        if canonical not in noisy and diff > verdict.max_param_diff:
-            verdict.max_param_diff, verdict.worst_param = diff, name
-        if not diff <= limit:
+        diff = (value.float() - ref[canonical].float()).abs()
+        mask = noisy.get(canonical, torch.zeros_like(diff, dtype=torch.bool))
+        held, loose = diff[~mask], diff[mask]
+        worst = float(held.max()) if held.numel() else 0.0
+        if worst > verdict.max_param_diff:
+            verdict.max_param_diff, verdict.worst_param = worst, name
+        if not worst <= verdict.param_atol:
             verdict.passed = False
-            verdict.failures.append(f"{name}: final values differ by {diff:.3e} (allowed {limit:g})")
+            verdict.failures.append(f"{name}: final values differ by {worst:.3e} (allowed {verdict.param_atol:g})")
+        if loose.numel() and not float(loose.max()) <= adam_bound:
+            verdict.passed = False
+            verdict.failures.append(f"{name}: final values of elements with a near-zero gradient differ by "
+                                    f"{float(loose.max()):.3e} (allowed {adam_bound:g})")
 
 
-def _zero_gradient_params(plan: Plan) -> set[str]:
-    """Parameters whose first-step gradient in the serial run is below 1e-7 (rounding noise under Adam)."""
+def _noisy_elements(plan: Plan) -> dict[str, torch.Tensor]:
+    """Per parameter with any, the mask of the elements whose first-step gradient in the serial run is
+    below :data:`NOISY_GRAD` (rounding noise under Adam, module docstring)."""
     from trainplan.models import loss_fn, synthetic_batch
     from trainplan.runtime.materialize import build_meta_model, materialize_local, model_aliases
 
@@ -194,4 +208,5 @@ def _zero_gradient_params(plan: Plan) -> set[str]:
     materialize_local([model], device=torch.device("cpu"), seed=spec.training.seed, aliases=model_aliases(model))
     inputs, targets = synthetic_batch(built.task, spec.training.global_batch, spec.training.seed, 0)
     loss_fn(built.task)(model(inputs), targets).backward()
-    return {n for n, p in model.named_parameters() if p.grad is not None and float(p.grad.abs().max()) < 1e-7}
+    masks = {n: p.grad.abs() < NOISY_GRAD for n, p in model.named_parameters() if p.grad is not None}
+    return {n: mask for n, mask in masks.items() if bool(mask.any())}
