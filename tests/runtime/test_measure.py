@@ -48,8 +48,16 @@ def test_model_state_estimates_are_exact(tmp_path: Path) -> None:
     code = launch_sweep(list(plans.values()), nproc=4, out_dirs=outs, run_dir=tmp_path / "run")
     assert code == 0, (tmp_path / "run" / "error.txt").read_text()
     for (name, p), out in zip(plans.items(), outs):
-        memory = json.loads((out / "summary.json").read_text())["memory"]
+        summary = json.loads((out / "summary.json").read_text())
+        memory = summary["memory"]
         assert len(memory["ranks"]) == 4
+        # the same runs' time section: each rank's phases next to the plan's estimates
+        for row in summary["time"]["ranks"]:
+            phases = row["phases"]
+            assert phases["forward"]["measured"] > 0 and phases["backward"]["measured"] > 0, (name, row)
+            assert phases["update"]["estimated"] == p.estimate.update_time_s > 0, (name, row)
+            # the update phase is the optimizer step plus the per-step all-gather after it
+            assert phases["update"]["measured"] >= phases["optimizer"]["measured"] > 0, (name, row)
         for row in memory["ranks"]:
             c = row["components"]
             assert c["activations"]["measured"] > 0, (name, row)
@@ -162,3 +170,25 @@ def test_saved_data_slices_count_their_rows_not_the_whole_batch() -> None:
     assert tracker.peak == 2 * rows  # the two slices (conv2d also saves its weight: a parameter, not counted)
     del outs
     assert tracker.live == 0
+
+
+def test_time_phases_split_each_step_and_meet_their_estimates() -> None:
+    """Medians over the steps of each phase: the backward of an unpipelined step is the micro-batch
+    phase less the forward; the exposed sync is the last micro-batch's backward less the mean of the
+    others; the update is the step less its micro-batches (the optimizer and the all-gather)."""
+    from trainplan.runtime.measure import StepTimes, _median_times, time_comparison
+
+    steps = [StepTimes(forward=0.010 * k, micro=0.050 * k, optimizer=0.004 * k, step=0.060 * k,
+                       backward_per_micro=[0.010 * k, 0.020 * k]) for k in (1, 2, 3)]
+    times = _median_times(steps, pipelined=False, m=2)
+    assert times["forward"] == pytest.approx(0.020) and times["backward"] == pytest.approx(0.080)
+    assert times["dp_sync"] == pytest.approx(0.020) and times["optimizer"] == pytest.approx(0.008)
+    assert times["update"] == pytest.approx(0.020) and times["bubble"] is None
+    assert _median_times([StepTimes(micro=0.05)], pipelined=False, m=1)["update"] is None  # step not timed
+    p = planned({"dp": 4, "zero": 0})
+    row = time_comparison(p, {"rank": 0, "pp": 0, "time": times})
+    update = row["phases"]["update"]
+    assert update["estimated"] == p.estimate.update_time_s > 0
+    assert update["rel_error"] == pytest.approx(0.020 / p.estimate.update_time_s - 1)
+    forward = row["phases"]["forward"]
+    assert forward["estimated"] == pytest.approx(p.num_microbatches * p.stages[0].fwd_time_s)

@@ -78,6 +78,9 @@ class Estimate(Strict):
     memory_breakdown: MemoryBreakdown = Field(description="Of the stage with the highest peak.")
     comm_time_s: CommTime
     bubble_fraction: NonNegativeFloat = Field(description="Pipeline idle time over step time.")
+    update_time_s: NonNegativeFloat = Field(
+        0.0, description="Per step after the micro-batches: the optimizer update, the sum of tied gradients and "
+        "the runtime's loss and memory all-gather (s); part of step_time_s.")
     time_to_train_s: NonNegativeFloat | None = Field(None, description="For training.tokens, if given.")
     energy_kwh: NonNegativeFloat | None = Field(None, description="Devices x power x time, if power_w is known.")
     cost: NonNegativeFloat | None = Field(None, description="Devices x hours x price, if price_per_hour is known.")

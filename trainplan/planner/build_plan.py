@@ -167,6 +167,7 @@ def _estimate(ev: Evaluation, model: ModelCosts, spec: Spec, ctx: Context) -> Es
         memory_breakdown=_breakdown(ev.stages[ev.peak_stage]),
         comm_time_s=CommTime(dp=ev.dp_exposed_s, tp=ev.tp_s, pp=ev.pp_s),
         bubble_fraction=ev.bubble_fraction,
+        update_time_s=ev.optimizer_s,
         time_to_train_s=time_to_train,
         energy_kwh=cluster.world_size * dev.power_w * run_s / 3.6e6 if dev.power_w is not None else None,
         cost=cluster.world_size * dev.price_per_hour * run_s / 3600 if dev.price_per_hour is not None else None,

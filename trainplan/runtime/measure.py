@@ -225,6 +225,7 @@ class StepTimes:
     backward: float = 0.0
     micro: float = 0.0
     optimizer: float = 0.0
+    step: float = 0.0  # the whole step: micro-batches, update and the per-step all-gather (0: not timed)
     backward_per_micro: list[float] = field(default_factory=list)
 
 
@@ -247,7 +248,7 @@ class Meter:
 
     # ------------------------------------------------------------------ wiring
     def _wrap_trainer(self) -> None:
-        micro, opt_step = self.trainer._micro, self.trainer._optimizer_step
+        micro, opt_step, whole = self.trainer._micro, self.trainer._optimizer_step, self.trainer.step_with_memory
 
         def measured_micro(inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> list[float]:
             self._current, self._last_forward_end = StepTimes(), None
@@ -268,7 +269,15 @@ class Meter:
             self._current.optimizer = time.perf_counter() - start
             self._after_step()
 
+        def measured_whole(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+            start = time.perf_counter()
+            out = whole(inputs, targets)
+            if self.steps:  # measured_step appended this step's record before the all-gather
+                self.steps[-1].step = time.perf_counter() - start
+            return out
+
         self.trainer._micro, self.trainer._optimizer_step = measured_micro, measured_step
+        self.trainer.step_with_memory = measured_whole
 
     def _install_hooks(self) -> list[Any]:
         if self._runner is not None:
@@ -396,8 +405,10 @@ def _median_times(steps: list[StepTimes], pipelined: bool, m: int) -> dict[str, 
     else:
         backward = med([max(0.0, s.micro - s.forward) for s in steps])
         bubble = None
+    timed = [s for s in steps if s.step > 0]
+    update = med([max(0.0, s.step - s.micro) for s in timed]) if timed else None
     return {"forward": forward, "backward": backward, "bubble": bubble, "dp_sync": _exposed_sync(steps, pipelined, m),
-            "optimizer": med([s.optimizer for s in steps]), "micro_phase": med([s.micro for s in steps])}
+            "optimizer": med([s.optimizer for s in steps]), "update": update, "micro_phase": med([s.micro for s in steps])}
 
 
 # ---------------------------------------------------------------------- measured next to estimated
@@ -441,7 +452,9 @@ def memory_comparison(plan: Any, record: dict[str, Any]) -> dict[str, Any]:
 
 def time_comparison(plan: Any, record: dict[str, Any]) -> dict[str, Any]:
     """One rank's measured step phases next to its stage's ``fwd_time_s``/``bwd_time_s`` (times the
-    micro-batches), ``comm_time_s.dp`` and ``bubble_fraction`` times the estimated step time."""
+    micro-batches), ``comm_time_s.dp``, ``bubble_fraction`` times the estimated step time, and
+    ``update_time_s`` (what the step spends after its micro-batches: the optimizer update and the
+    per-step all-gather; ``optimizer`` is the update alone, measured only)."""
     _, chunks = _stage_estimates(plan, record["pp"])
     m = plan.num_microbatches
     measured = record["time"]
@@ -453,6 +466,7 @@ def time_comparison(plan: Any, record: dict[str, Any]) -> dict[str, Any]:
         "dp_sync": _compare(measured["dp_sync"], plan.estimate.comm_time_s.dp if measured["dp_sync"] is not None else None),
         "bubble": _compare(measured["bubble"], bubble_est),
         "optimizer": _compare(measured["optimizer"], None),
+        "update": _compare(measured.get("update"), plan.estimate.update_time_s if measured.get("update") is not None else None),
     }
     return {"rank": record["rank"], "stage": chunks[0].index, "phases": phases}
 
