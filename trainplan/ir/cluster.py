@@ -106,8 +106,8 @@ class Device(Strict):
         "worker processes outnumber the cores: a rank that waits in a collective gives its core away and, "
         "once the collective completes, waits for the scheduler to hand one back (a time slice of the "
         "ranks still computing). On gloo the planner charges it once per data-parallel gradient exchange, "
-        "per BatchNorm buffer broadcast (DDP, once per micro-batch), per stage boundary a pipeline's "
-        "round trip crosses and once per step for the runtime's loss and memory all-gather. Measured by "
+        "per BatchNorm buffer broadcast (DDP, once per micro-batch) and per stage boundary a pipeline's "
+        "round trip crosses. Measured by "
         "`trainplan calibrate` (the lockstep probe with and without its collectives); 0 (the presets) "
         "leaves it out.",
     )
