@@ -192,3 +192,19 @@ def test_time_phases_split_each_step_and_meet_their_estimates() -> None:
     assert update["rel_error"] == pytest.approx(0.020 / p.estimate.update_time_s - 1)
     forward = row["phases"]["forward"]
     assert forward["estimated"] == pytest.approx(p.num_microbatches * p.stages[0].fwd_time_s)
+    # the backward phase spans the last micro-batch's gradient sync: its estimate holds the exposed sync
+    assert p.estimate.comm_time_s.dp > 0
+    assert row["phases"]["backward"]["estimated"] == pytest.approx(
+        p.num_microbatches * p.stages[0].bwd_time_s + p.estimate.comm_time_s.dp)
+    # in a pipeline FSDP2 reduces after the schedule, in what the bubble measures; DDP in the backward
+    for zero, in_backward in ((1, True), (2, False)):
+        q = planned({"dp": 2, "pp": 2, "zero": zero})
+        pipelined = {**times, "bubble": 0.010, "dp_sync": None}
+        phases = time_comparison(q, {"rank": 0, "pp": 0, "time": pipelined})["phases"]
+        chunks = [s for s in q.stages if 0 in s.ranks]
+        bwd = q.num_microbatches * sum(c.bwd_time_s for c in chunks)
+        bubble = q.estimate.bubble_fraction * q.estimate.step_time_s
+        dp = q.estimate.comm_time_s.dp
+        assert dp > 0
+        assert phases["backward"]["estimated"] == pytest.approx(bwd + (dp if in_backward else 0.0))
+        assert phases["bubble"]["estimated"] == pytest.approx(bubble + (0.0 if in_backward else dp))

@@ -450,20 +450,33 @@ def memory_comparison(plan: Any, record: dict[str, Any]) -> dict[str, Any]:
     return {"rank": record["rank"], "stage": stage.index, "components": components}
 
 
+def sync_in_backward(plan: Any) -> bool:
+    """Whether the runtime's backward timer holds the data-parallel gradient sync. Without a pipeline
+    the sync runs in the last micro-batch's backward (DDP's bucket all-reduces, FSDP2's
+    reduce-scatter hooks), which the backward phase (the micro-batches less their forwards) spans; in
+    a pipeline DDP reduces inside the last backward chunk (``PipelineStage.backward_maybe_with_nosync``)
+    while FSDP2 (ZeRO 2/3) reduces after the schedule, in what the bubble measures."""
+    return plan.mesh.pp == 1 or plan.zero in (0, 1)
+
+
 def time_comparison(plan: Any, record: dict[str, Any]) -> dict[str, Any]:
     """One rank's measured step phases next to its stage's ``fwd_time_s``/``bwd_time_s`` (times the
     micro-batches), ``comm_time_s.dp``, ``bubble_fraction`` times the estimated step time, and
     ``update_time_s`` (what the step spends after its micro-batches: the optimizer update and the
-    per-step all-gather; ``optimizer`` is the update alone, measured only)."""
+    per-step all-gather; ``optimizer`` is the update alone, measured only). The exposed sync
+    (``comm_time_s.dp``) is also in the estimate of the phase whose timer holds it, the backward or
+    the bubble (:func:`sync_in_backward`), so that each phase is compared with what it measures."""
     _, chunks = _stage_estimates(plan, record["pp"])
     m = plan.num_microbatches
     measured = record["time"]
     step = plan.estimate.step_time_s
-    bubble_est = plan.estimate.bubble_fraction * step if plan.mesh.pp > 1 else None
+    dp = plan.estimate.comm_time_s.dp
+    in_backward = sync_in_backward(plan)
+    bubble_est = plan.estimate.bubble_fraction * step + (0.0 if in_backward else dp) if plan.mesh.pp > 1 else None
     phases = {
         "forward": _compare(measured["forward"], m * sum(c.fwd_time_s for c in chunks)),
-        "backward": _compare(measured["backward"], m * sum(c.bwd_time_s for c in chunks)),
-        "dp_sync": _compare(measured["dp_sync"], plan.estimate.comm_time_s.dp if measured["dp_sync"] is not None else None),
+        "backward": _compare(measured["backward"], m * sum(c.bwd_time_s for c in chunks) + (dp if in_backward else 0.0)),
+        "dp_sync": _compare(measured["dp_sync"], dp if measured["dp_sync"] is not None else None),
         "bubble": _compare(measured["bubble"], bubble_est),
         "optimizer": _compare(measured["optimizer"], None),
         "update": _compare(measured.get("update"), plan.estimate.update_time_s if measured.get("update") is not None else None),
