@@ -17,11 +17,11 @@ whose gradient is at rounding-noise level (below :data:`NOISY_GRAD` in the seria
 step: attention key biases, whose true gradient is zero since softmax ignores a constant shift, or
 a weight element whose gradient terms cancel) are different: Adam's step ``lr·g/(|g|+ε)`` turns
 the rounding of a different summation order into steps of up to ``lr`` each, so with Adam they
-are held to that bound (``4·lr·steps``) instead. Seen on an AMD EPYC: one element of a 1024-element
-value projection with a first-step gradient of 4e-8 (the tensor's median: 2e-3) ended 2.2e-5 from
-the serial run, its other elements within 4e-7. bf16/fp16, gradient compression and non-synchronous modes change the
-numbers by design: 2e-2 relative on losses and 5e-2 on parameters (bf16 and fp16 runs of the
-runtime's tests train within 2% of fp32).
+are held to that bound (``4·lr·steps``) instead. Seen on an AMD EPYC: one element of a
+1024-element value projection with a first-step gradient of 4e-8 (the tensor's median: 2e-3) ended
+2.2e-5 from the serial run, its other elements within 4e-7. bf16/fp16, gradient compression and
+non-synchronous modes change the numbers by design: 2e-2 relative on losses and 5e-2 on parameters
+(bf16 and fp16 runs of the runtime's tests train within 2% of fp32).
 
 Only catalogue models can be shrunk; a plan of an imported or Hugging Face model is refused.
 """
