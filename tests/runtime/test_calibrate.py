@@ -414,7 +414,8 @@ def test_the_recompute_probe_counts_saved_tensors_as_the_planner_does() -> None:
     from trainplan.models.registry import BuiltModel
     from trainplan.passes import build_graph
     from trainplan.planner.model_costs import saved_tensor_count
-    from trainplan.runtime.op_bench import SYNTHETIC_SAVED_TENSORS, _SyntheticBlock
+    from trainplan.runtime.calibrate_framework import SYNTHETIC_SAVED_TENSORS
+    from trainplan.runtime.op_bench import _SyntheticBlock
 
     class Network(torch.nn.Module):
         def __init__(self) -> None:
@@ -440,9 +441,14 @@ def test_the_recompute_probe_reports_at_the_tables_pace(monkeypatch: pytest.Monk
     runs while it is probed: network times are scaled by the table's prediction of the plain network
     over its measured time in the same round (here every time of the probe is ``slowdown`` x)."""
     from trainplan.runtime import op_bench
-    from trainplan.runtime.calibrate_framework import RECOMPUTE_BLOCKS, SELECTIVE_RECOMPUTED, recompute_overhead
+    from trainplan.runtime.calibrate_framework import (
+        RECOMPUTE_BLOCKS,
+        SELECTIVE_RECOMPUTED,
+        SYNTHETIC_SAVED_TENSORS,
+        recompute_overhead,
+    )
 
-    saved = op_bench.SYNTHETIC_SAVED_TENSORS * RECOMPUTE_BLOCKS
+    saved = SYNTHETIC_SAVED_TENSORS * RECOMPUTE_BLOCKS
     tokens, width = op_bench.IN_SITU_SIZES[0]
     table = {name: {"fwd_fixed_s": 2e-5, "fwd_per_unit_s": 1e-9, "bwd_fixed_s": 3e-5, "bwd_per_unit_s": 2e-9}
              for name, _, _ in op_bench._synthetic_ops(tokens, width)}

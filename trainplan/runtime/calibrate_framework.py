@@ -189,17 +189,52 @@ TP_WIDTH, TP_TOKENS, TP_VOCAB = 64, 32, 128
 TP_OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
+class _CopyToGroup(torch.autograd.Function):
+    """Megatron's ``f`` (Shoeybi et al. 2019, Sec. 3): identity forward, all-reduce of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """Megatron's ``g``: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # noqa: ANN001
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return grad, None
+
+
 class _MegatronMLP(torch.nn.Module):
     """``x + down(relu(up(x)))``: a column-parallel then a row-parallel layer under tensor parallelism
-    (Shoeybi et al. 2019, Sec. 3, the MLP), ``inner`` the up projection's width."""
+    (Shoeybi et al. 2019, Sec. 3, the MLP), ``inner`` the up projection's width. With ``group``, plain
+    tensors with Megatron's two all-reduces written out (``f`` before ``up``, ``g`` after ``down``):
+    the same collectives at the same points as the DTensor version, without DTensor."""
 
-    def __init__(self, width: int, inner: int) -> None:
+    def __init__(self, width: int, inner: int, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.up = torch.nn.Linear(width, inner)
         self.down = torch.nn.Linear(inner, width)
+        self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
+        if self.group is None:
+            return x + self.down(torch.relu(self.up(x)))
+        inner = torch.relu(self.up(_CopyToGroup.apply(x, self.group)))
+        return x + _ReduceFromGroup.apply(self.down(inner), self.group)
 
 
 class _Edge(torch.nn.Module):
@@ -258,8 +293,10 @@ def tp_overhead(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_ROU
     few µs for the product itself at these sizes. Three numbers, each over ranks in pairs:
 
     * **module**: :data:`TP_BLOCKS` × (column-, row-parallel) layer pairs against the same network
-      unsharded at one rank's width, minus one all-reduce forward and one backward per pair
-      (Megatron's ``g`` and ``f``, timed alone at the same size), per layer;
+      of plain tensors at one rank's width with Megatron's ``f`` and ``g`` as plain all-reduces at
+      the same points (one forward, one backward per pair), per layer. Subtracting the all-reduces
+      timed alone instead left nothing in some calibrations: on a time-sliced CPU a collective
+      looped alone can take as long as DTensor's work around the ones inside the network;
     * **loss**: a vocabulary-parallel embedding and column-parallel head with the cross-entropy
       under ``loss_parallel`` against the same at one rank's vocabulary, minus their collectives
       (the embedding's output and the head's input gradient, and the loss's three per-token
@@ -283,7 +320,7 @@ def tp_overhead(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_ROU
     group = mesh.get_group()
     torch.manual_seed(0)
     inner = 2 * TP_WIDTH
-    plain = torch.nn.Sequential(*[_MegatronMLP(TP_WIDTH, inner // TP_DEGREE) for _ in range(TP_BLOCKS)])
+    plain = torch.nn.Sequential(*[_MegatronMLP(TP_WIDTH, inner // TP_DEGREE, group) for _ in range(TP_BLOCKS)])
     sharded = torch.nn.Sequential(*[_MegatronMLP(TP_WIDTH, inner) for _ in range(TP_BLOCKS)])
     for block in sharded:
         parallelize_module(block, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
@@ -299,8 +336,7 @@ def tp_overhead(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_ROU
         p_f, p_b = _passes(ctx, lambda: plain(x).sum(), steps)
         s_f, s_b = _passes(ctx, lambda: sharded(x).sum(), steps)
         activation = _allreduce_s(ctx, TP_TOKENS * TP_WIDTH, group, steps)
-        module = (max(0.0, (s_f - p_f - TP_BLOCKS * activation) / layers),
-                  max(0.0, (s_b - p_b - TP_BLOCKS * activation) / layers))
+        module = (max(0.0, (s_f - p_f) / layers), max(0.0, (s_b - p_b) / layers))
         e_f, e_b = _passes(ctx, lambda: F.cross_entropy(edge_plain(tokens).flatten(0, 1), tokens.flatten()), steps)
         l_f, l_b = _passes(ctx, lambda: F.cross_entropy(edge(tokens).flatten(0, 1), tokens.flatten()), steps,
                            loss_parallel)
@@ -321,6 +357,12 @@ def tp_overhead(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_ROU
 # (tests/runtime/test_calibrate.py).
 SELECTIVE_RECOMPUTED = frozenset({"view", "mul", "softmax", "add"})
 RECOMPUTE_BLOCKS = 4
+# Activation tensors one synthetic block call saves for backward, per op, as the planner counts them
+# (``planner.model_costs.saved_tensor_count`` of the traced block: the norm's input, mean and rstd;
+# each linear's input; the gelu, silu, softmax and relu tensors; both factors of the mul): the unit
+# of the checkpointing machinery's cost (:func:`recompute_overhead`). tests/runtime/test_calibrate.py
+# traces the block and checks it.
+SYNTHETIC_SAVED_TENSORS = 11
 
 
 def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device, dtype: torch.dtype, *,
@@ -341,7 +383,7 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
     ``(t_policy − t_none − recomputed) / saved``, where ``recomputed`` is the table's forward of
     what the policy recomputes (every operator under ``full``, :data:`SELECTIVE_RECOMPUTED` under
     ``selective``) and ``saved`` counts the tensors the blocks' ops save for backward as the planner
-    counts them (:data:`~trainplan.runtime.op_bench.SYNTHETIC_SAVED_TENSORS` per block,
+    counts them (:data:`SYNTHETIC_SAVED_TENSORS` per block,
     ``planner.model_costs.saved_tensor_count``): the machinery handles saved tensors one by one, and
     a light operator that saves nothing (a view, an add) costs it next to nothing.
     The three run back to back in each of ``rounds`` rounds and each figure is the median round's;
@@ -350,14 +392,7 @@ def recompute_overhead(table: dict[str, dict[str, float]], device: torch.device,
     machine's speed moves in between: without this, calibrations gave 11-22 µs per operator for
     ``full``'s forward where this process alone measures 11-12 µs).
     """
-    from trainplan.runtime.op_bench import (
-        IN_SITU_SIZES,
-        SYNTHETIC_SAVED_TENSORS,
-        _act,
-        _predicted,
-        _synthetic_ops,
-        network_phases,
-    )
+    from trainplan.runtime.op_bench import IN_SITU_SIZES, _act, _predicted, _synthetic_ops, network_phases
     from trainplan.runtime.recompute import apply_recompute
 
     tokens, width = IN_SITU_SIZES[0]

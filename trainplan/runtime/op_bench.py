@@ -434,14 +434,6 @@ def _synthetic_ops(tokens: int, width: int) -> list[tuple[str, float, bool]]:
             ("softmax", s, True), ("relu", s, True), ("add", s, True)]
 
 
-# Activation tensors one :class:`_SyntheticBlock` call saves for backward, per op, as the planner counts
-# them (``planner.model_costs.saved_tensor_count`` of the traced block: the norm's input, mean and
-# rstd; each linear's input; the gelu, silu, softmax and relu tensors; both factors of the mul); the
-# unit of the checkpointing machinery's cost (:func:`trainplan.runtime.calibrate_framework.recompute_overhead`).
-# tests/runtime/test_calibrate.py traces the block and checks it.
-SYNTHETIC_SAVED_TENSORS = 11
-
-
 InSitu = dict[str, tuple[float, float]]  # direction ('fwd', 'bwd', 'optimizer') -> (fixed factor, per-unit factor)
 
 # (tokens, width) of the generic network: one size where the fixed costs are most of the time, one
