@@ -248,7 +248,7 @@ def test_on_gloo_nothing_hides_the_gradient_exchange():
                   tokens_per_sample=GPT.seq_len, allreduce="native")
     lay = _layout(dp=4, micro_batch=4)
     stages = list(evaluate(model, lay, ctx).stages)
-    exposed, algo, _ = dp_exposed(ctx, lay, stages, model)
+    exposed, algo, _, _ = dp_exposed(ctx, lay, stages, model)
     assert exposed == pytest.approx(dp_gradient_time(ctx, stages[0].params, lay, algo))
     gpu = Context(cluster=load_preset("a100-80g"), precision="fp32", optimizer="adam", global_batch=16,
                   tokens_per_sample=GPT.seq_len, allreduce="native")
@@ -303,3 +303,33 @@ def test_tied_parameters_across_pipeline_ranks_sum_their_gradients_each_step():
     lay = _layout(dp=2, pp=2, micro_batch=1, num_microbatches=8)
     assert tied_sync_s(ctx, lay, prefix_sums(untied, unit_times(untied, lay, ctx)),
                        list(evaluate(untied, lay, ctx).stages)) == 0
+
+
+@pytest.mark.parametrize("preset", ["cpu-local", "a100-80g"])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("pp", [1, 2])
+def test_the_dp_phases_are_parts_of_the_exposed_time(preset, zero, pp):
+    """Where the exposed data-parallel time lands (``DpPhases``, for the runtime's phase timers): the
+    parts never exceed the whole; FSDP2's gathers go to the forward (and ZeRO-3's second gather to
+    the backward) in the proportion not hidden behind compute; ZeRO-1's broadcast to the update."""
+    from trainplan.planner.evaluate import evaluate
+    from trainplan.planner.gradient_sync import dp_exposed, fsdp_phases
+
+    model = model_costs_from_facts(GPT)
+    ctx = Context(cluster=load_preset(preset), precision="fp32", optimizer="adam", global_batch=16,
+                  tokens_per_sample=GPT.seq_len, allreduce="native")
+    lay = _layout(dp=2, pp=pp, zero=zero, micro_batch=1, num_microbatches=8)
+    ev = evaluate(model, lay, ctx)
+    dp = dp_exposed(ctx, lay, list(ev.stages), model)
+    assert ev.dp_phases == dp.phases and ev.dp_exposed_s == dp.seconds
+    forward, backward, update = dp.phases
+    assert min(dp.phases) >= 0 and forward + backward + update <= dp.seconds * (1 + 1e-12)
+    assert (update > 0) == (zero == 1)
+    if preset == "cpu-local":  # gloo: nothing hidden
+        assert (forward > 0) == (zero in (2, 3)) and (backward > 0) == (zero == 3)
+    if zero != 3:
+        assert backward == 0.0
+    # the split itself: one gather per micro-batch before the forward, ZeRO-3's second before the backward
+    assert fsdp_phases(8.0, 2.0, 2, 1.0) == (5.0, 5.0, 0.0)
+    assert fsdp_phases(8.0, 2.0, 1, 0.5) == (4.5, 0.5, 0.0)
+    assert fsdp_phases(0.0, 0.0, 1, 0.0) == (0.0, 0.0, 0.0)

@@ -33,7 +33,7 @@ def test_json_report_carries_the_documented_fields(plan):
             assert key in report[section], f"{section}.{key}"
     assert set(report["plan"]["mesh"]) == {"dp", "tp", "pp"}
     assert set(report["estimate"]["memory_breakdown"]) >= {"params", "grads", "optimizer", "activations"}
-    assert set(report["estimate"]["comm_time_s"]) == {"dp", "tp", "pp"}
+    assert set(report["estimate"]["comm_time_s"]) == {"dp", "dp_in_forward", "dp_in_backward", "dp_in_update", "tp", "pp"}
     stage = report["plan"]["stages"][0]
     assert {"units", "modules", "ranks", "params", "memory_bytes"} <= set(stage)
     assert report["alternatives"] and report["search"]["elapsed_s"] == 0.5

@@ -64,6 +64,15 @@ class MemoryBreakdown(Strict):
 
 class CommTime(Strict):
     dp: NonNegativeFloat = Field(0.0, description="Exposed data-parallel gradient sync per step (s).")
+    dp_in_forward: NonNegativeFloat = Field(
+        0.0, description="Of dp, what the forward passes hold: FSDP2's parameter all-gathers before each "
+        "micro-batch's forward and half its per-unit work (ZeRO-2/3) (s).")
+    dp_in_backward: NonNegativeFloat = Field(
+        0.0, description="Of dp, what every micro-batch's backward holds besides the gradient sync: ZeRO-3's "
+        "re-gathers and the other half of FSDP2's per-unit work (s).")
+    dp_in_update: NonNegativeFloat = Field(
+        0.0, description="Of dp, what the optimizer step holds: ZeRO-1's broadcast of the updated parameters (s). "
+        "The rest of dp is the gradient sync proper.")
     tp: NonNegativeFloat = Field(0.0, description="Tensor-parallel collectives per step on the critical path (s).")
     pp: NonNegativeFloat = Field(0.0, description="Pipeline point-to-point per step on the critical path (s).")
 

@@ -19,7 +19,7 @@ from trainplan.ir.cluster import Cluster
 from trainplan.ir.spec import CommSpec
 from trainplan.planner import cost
 from trainplan.planner.model_costs import ModelCosts, UnitCost
-from trainplan.planner.gradient_sync import dp_exposed
+from trainplan.planner.gradient_sync import DpPhases, dp_exposed
 from trainplan.planner.partition import Partition, partition, uniform_blocks
 from trainplan.planner.measured_time import measured_compute, optimizer_time, step_bookkeeping_s
 from trainplan.planner.space import Layout
@@ -97,6 +97,7 @@ class Evaluation:
     allreduce: str
     dp_crosses_nodes: bool
     compute_efficiency: float
+    dp_phases: DpPhases = DpPhases()  # where ``dp_exposed_s`` lands in the runtime's phase timers
 
 
 # --------------------------------------------------------------------------------- per unit
@@ -437,15 +438,15 @@ def evaluate(
         stages, fits = contiguous_stages(ctx, lay, model, px)
     p2p = p2p_seconds(ctx, lay, model)
     pipe = pipeline_estimate(lay, stages, p2p) + pipeline_waits(ctx, lay)
-    dp_s, algo, crosses = dp_exposed(ctx, lay, stages, model)
+    dp = dp_exposed(ctx, lay, stages, model)
     # The update runs after the gradients are in; ZeRO-1+ updates a 1/dp shard on each rank.
     shard = lay.dp if lay.zero >= 1 else 1
     opt_s = max(optimizer_time(ctx, model, lay, s, shard) for s in stages) + step_bookkeeping_s(ctx, lay)
     opt_s += tied_sync_s(ctx, lay, px, stages)
-    return _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, model, ctx)
+    return _evaluation(lay, fits, stages, pipe, dp, opt_s, p2p, ut, model, ctx)
 
 
-def _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, model, ctx) -> Evaluation:  # noqa: ANN001
+def _evaluation(lay, fits, stages, pipe, dp, opt_s, p2p, ut, model, ctx) -> Evaluation:  # noqa: ANN001
     peak_stage = max(range(len(stages)), key=lambda k: stages[k].memory.total)
     busiest = max(s.fwd + s.bwd for s in stages)
     bubble = max(0.0, (pipe - lay.num_microbatches * busiest) / pipe) if pipe else 0.0
@@ -457,6 +458,6 @@ def _evaluation(lay, fits, stages, pipe, dp_s, opt_s, algo, crosses, p2p, ut, mo
     eff = flops / lay.tp / (compute * peak) if compute > 0 else 0.0
     pp_s = 2 * (lay.pp - 1) * p2p
     return Evaluation(
-        lay, fits, pipe + dp_s + opt_s, tuple(stages), stages[peak_stage].memory.total, peak_stage, pipe, bubble,
-        dp_s, opt_s, tp_s, pp_s, p2p, algo, crosses, eff,
+        lay, fits, pipe + dp.seconds + opt_s, tuple(stages), stages[peak_stage].memory.total, peak_stage, pipe, bubble,
+        dp.seconds, opt_s, tp_s, pp_s, p2p, dp.algo, dp.crosses_nodes, eff, dp.phases,
     )

@@ -5,7 +5,7 @@ time-sliced CPU. Pure arithmetic over :mod:`trainplan.planner.cost`; units: seco
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from trainplan.planner import cost
 
@@ -85,9 +85,38 @@ def dp_gradient_time(ctx: Context, params: float, lay: Layout, algo: str) -> flo
     return seconds / comm.local_sgd_period if ctx.sync == "local_sgd" else seconds
 
 
-def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
-               model: ModelCosts | None = None) -> tuple[float, str, bool]:
-    """Exposed gradient synchronisation of the slowest stage, the algorithm used, whether it crosses nodes.
+class DpPhases(NamedTuple):
+    """Where the exposed data-parallel time of a step lands in the runtime's phase timers
+    (``trainplan.runtime.measure``), in seconds per step; what is left of the exposed time is the
+    gradient sync proper (in the last micro-batch's backward, or after a pipeline's schedule)."""
+
+    forward: float = 0.0  # inside the forward passes: FSDP2's parameter all-gathers before each one
+    backward: float = 0.0  # inside every micro-batch's backward, not the sync: ZeRO-3's re-gathers
+    update: float = 0.0  # inside the optimizer step: ZeRO-1's parameter broadcast
+
+
+class DpExposed(NamedTuple):
+    seconds: float  # exposed per step, the slowest stage's
+    algo: str
+    crosses_nodes: bool
+    phases: DpPhases  # of ``seconds``, by the phase that holds it
+
+
+def fsdp_phases(gathers: float, hooks: float, gathers_per_microbatch: int, exposed_fraction: float) -> DpPhases:
+    """The forward's and the backward's parts of FSDP2's exposed parameter all-gathers (``gathers``,
+    every micro-batch's) and its own per-unit work (``hooks``), of which ``exposed_fraction`` is not
+    hidden behind compute (1 on gloo). One gather per micro-batch runs before its forward; ZeRO-3's
+    second (``gathers_per_microbatch = 2``) before its backward. The per-unit work is split evenly
+    between the two passes, as measured on the bench's gpt ZeRO-2 row (4 processes, 2 cores,
+    docs/accuracy.md, ninth session: forward 65-75 ms against 6 ms of compute, 50 ms of gathers and
+    half of the 33 ms of per-unit work)."""
+    forward = gathers / gathers_per_microbatch + hooks / 2
+    return DpPhases(exposed_fraction * forward, exposed_fraction * (gathers + hooks - forward), 0.0)
+
+
+def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost], model: ModelCosts | None = None) -> DpExposed:
+    """Exposed gradient synchronisation of the slowest stage, the algorithm used, whether it crosses
+    nodes, and the phases that hold it (:class:`DpPhases`, the same stage's).
 
     ZeRO-1/2 reduce-scatter the gradients and all-gather the updated parameters: the same bytes as
     a ring all-reduce (Rajbhandari et al. 2020, Sec. 7.2). ZeRO-3 as trainplan's runtime runs it
@@ -98,36 +127,44 @@ def dp_exposed(ctx: Context, lay: Layout, stages: list[StageCost],
     only beyond the ``m·(t_f + t_b)`` of compute they can hide behind.
     """
     if lay.dp == 1:
-        return 0.0, "native", False
+        return DpExposed(0.0, "native", False, DpPhases())
     crosses = not cost.group_fits_in_node(ctx.cluster.devices_per_node, lay.dp, lay.tp) and ctx.cluster.nodes > 1
     largest = max(s.params for s in stages)
     algo, _ = choose_allreduce(ctx, largest * ctx.grad_bytes, lay.dp, lay.tp, hookable(lay))
     link = cost.group_link(ctx.cluster, lay.dp, lay.tp)
     units = {id(s): fsdp_units(model, s) for s in stages} if model is not None else {}
     waits = ddp_waits(ctx, lay, model, algo) if ctx.cluster.backend == "gloo" else 0.0  # the same for every stage
-    per_stage: dict[tuple[float, float, float, int], tuple[float, float]] = {}
+    per_stage: dict[tuple[float, float, float, int], tuple[float, float, DpPhases]] = {}
     for params, fwd, bwd, k in {(s.params, s.fwd, s.bwd, units.get(id(s), 1)) for s in stages}:  # identical stages once
         grad = params * ctx.grad_bytes
+        gathers_per_mb = 2 if lay.zero == 3 else 1
+        hooks = 0.0
         if lay.zero in (2, 3):  # FSDP2 (trainplan.runtime.data_parallel): ring collectives, one per unit
             ar, gather = cost.zero3_comm_time_s(params * ctx.element_bytes, grad, lay.dp, link, lay.num_microbatches,
-                                                collectives=k, gathers_per_microbatch=2 if lay.zero == 3 else 1,
+                                                collectives=k, gathers_per_microbatch=gathers_per_mb,
                                                 native_scatter=algo != "ring")
             # FSDP2's own work around them per unit and micro-batch (calibrated; 0 in the presets)
-            gather += k * lay.num_microbatches * ctx.cluster.device.fsdp_unit_overhead / ctx.cluster.device.compute_share
+            hooks = k * lay.num_microbatches * ctx.cluster.device.fsdp_unit_overhead / ctx.cluster.device.compute_share
         else:
             ar, gather = dp_gradient_time(ctx, params, lay, algo), 0.0
         after = cost.zero1_broadcast_time_s(params * ctx.element_bytes, lay.dp, link) if lay.zero == 1 else 0.0
         if ctx.cluster.backend == "gloo":
             # gloo moves and sums the bytes on the same CPU cores the model computes on: nothing hides it
-            exposed = ar + gather + waits
+            hidden_gather = 0.0
+            exposed = ar + waits
         else:
+            hidden_gather = min(gather + hooks, lay.num_microbatches * (fwd + bwd))
             exposed = cost.dp_overlap_exposed_time(ar, bwd, DDP_BUCKET_BYTES, grad)
-            exposed += max(0.0, gather - lay.num_microbatches * (fwd + bwd))
-        per_stage[params, fwd, bwd, k] = (exposed, after)
+        exposed += gather + hooks - hidden_gather
+        fraction = 1.0 - hidden_gather / (gather + hooks) if gather + hooks > 0 else 0.0
+        phases = fsdp_phases(gather, hooks, gathers_per_mb, fraction)
+        per_stage[params, fwd, bwd, k] = (exposed, after, phases._replace(update=after))
     times = [per_stage[s.params, s.fwd, s.bwd, units.get(id(s), 1)] for s in stages]
-    if ddp_syncs_in_chain(ctx, lay):
-        return sum(e for e, _ in times) + max(a for _, a in times), algo, crosses
-    return max(e + a for e, a in times), algo, crosses
+    if ddp_syncs_in_chain(ctx, lay):  # DDP (no gathers): the stages' syncs add up, the broadcasts overlap
+        after = max(a for _, a, _ in times)
+        return DpExposed(sum(e for e, _, _ in times) + after, algo, crosses, DpPhases(update=after))
+    exposed, after, phases = max(times, key=lambda t: t[0] + t[1])
+    return DpExposed(exposed + after, algo, crosses, phases)
 
 
 def ddp_waits(ctx: Context, lay: Layout, model: ModelCosts | None, algo: str) -> float:

@@ -44,7 +44,8 @@ micro-batches: the last micro-batch's backward, which synchronises, minus the me
 which do not), ``bubble`` (pipelines: the micro-batch phase minus the busy time), ``optimizer``
 (the optimizer step, tied-gradient sums included). Estimates: ``num_microbatches`` times the
 stage's ``fwd_time_s`` / ``bwd_time_s``, ``plan.estimate.comm_time_s.dp`` and
-``bubble_fraction`` times the estimated step time.
+``bubble_fraction`` times the estimated step time, each with the part of the exposed
+data-parallel time that its timer holds (:func:`time_comparison`).
 """
 
 from __future__ import annotations
@@ -463,23 +464,31 @@ def time_comparison(plan: Any, record: dict[str, Any]) -> dict[str, Any]:
     """One rank's measured step phases next to its stage's ``fwd_time_s``/``bwd_time_s`` (times the
     micro-batches), ``comm_time_s.dp``, ``bubble_fraction`` times the estimated step time, and
     ``update_time_s`` (what the step spends after its micro-batches: the optimizer update and the
-    per-step all-gather; ``optimizer`` is the update alone, measured only). The exposed sync
-    (``comm_time_s.dp``) is also in the estimate of the phase whose timer holds it, the backward or
-    the bubble (:func:`sync_in_backward`), so that each phase is compared with what it measures."""
+    per-step all-gather; ``optimizer`` is the update alone, measured only).
+
+    The exposed data-parallel time (``comm_time_s.dp``) is added to the estimate of the phase whose
+    timer holds each part of it, so that each phase is compared with what it measures: FSDP2's
+    parameter all-gathers to the forward (``dp_in_forward``) and ZeRO-3's re-gathers to the backward
+    (``dp_in_backward``), ZeRO-1's parameter broadcast to the update (``dp_in_update``), and the
+    gradient sync proper (the rest) to ``dp_sync`` and to the backward or the bubble
+    (:func:`sync_in_backward`)."""
     _, chunks = _stage_estimates(plan, record["pp"])
     m = plan.num_microbatches
     measured = record["time"]
     step = plan.estimate.step_time_s
-    dp = plan.estimate.comm_time_s.dp
+    comm = plan.estimate.comm_time_s
+    sync = max(0.0, comm.dp - comm.dp_in_forward - comm.dp_in_backward - comm.dp_in_update)
     in_backward = sync_in_backward(plan)
-    bubble_est = plan.estimate.bubble_fraction * step + (0.0 if in_backward else dp) if plan.mesh.pp > 1 else None
+    bubble_est = plan.estimate.bubble_fraction * step + (0.0 if in_backward else sync) if plan.mesh.pp > 1 else None
+    update = measured.get("update")
     phases = {
-        "forward": _compare(measured["forward"], m * sum(c.fwd_time_s for c in chunks)),
-        "backward": _compare(measured["backward"], m * sum(c.bwd_time_s for c in chunks) + (dp if in_backward else 0.0)),
-        "dp_sync": _compare(measured["dp_sync"], dp if measured["dp_sync"] is not None else None),
+        "forward": _compare(measured["forward"], m * sum(c.fwd_time_s for c in chunks) + comm.dp_in_forward),
+        "backward": _compare(measured["backward"], m * sum(c.bwd_time_s for c in chunks) + comm.dp_in_backward
+                             + (sync if in_backward else 0.0)),
+        "dp_sync": _compare(measured["dp_sync"], sync if measured["dp_sync"] is not None else None),
         "bubble": _compare(measured["bubble"], bubble_est),
         "optimizer": _compare(measured["optimizer"], None),
-        "update": _compare(measured.get("update"), plan.estimate.update_time_s if measured.get("update") is not None else None),
+        "update": _compare(update, plan.estimate.update_time_s + comm.dp_in_update if update is not None else None),
     }
     return {"rank": record["rank"], "stage": chunks[0].index, "phases": phases}
 
