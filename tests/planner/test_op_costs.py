@@ -212,6 +212,12 @@ def test_dtensor_overhead_is_paid_per_layer_micro_batch_loss_and_parameter() -> 
     single = dict(fixed, dp=4, tp=1)
     q0, q1 = (api.plan(spec(cluster=c, parallel=single, batch=8))[0] for c in (without, with_overhead))
     assert q0.estimate.step_time_s == pytest.approx(q1.estimate.step_time_s)  # no DTensor at tp = 1
+    tensors = 2 + 16 * SMALL["layers"] + 2  # every parameter tensor (test_the_update_costs_each_...)
+    for zero in (2, 3):  # FSDP2 makes every parameter a DTensor: each one's update pays the dispatch
+        fsdp = dict(single, zero=zero)
+        r0, r1 = (api.plan(spec(cluster=c, parallel=fsdp, batch=8))[0] for c in (without, with_overhead))
+        assert r1.estimate.update_time_s - r0.estimate.update_time_s == pytest.approx(tensors * 1e-4 / share)
+        assert r1.estimate.step_time_s - r0.estimate.step_time_s == pytest.approx(tensors * 1e-4 / share)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

@@ -82,8 +82,11 @@ def optimizer_time(ctx: Context, model: ModelCosts, lay: Layout, stage: StageCos
     element): tensors × fixed + elements × per element, the elements divided by the ZeRO shard;
     ZeRO-1 gives each rank whole tensors (``ZeroRedundancyOptimizer``), so it also divides the
     tensors, FSDP2 (ZeRO-2/3) shards every tensor, so each rank still updates all of them. Without
-    it, a memory-bound pass (:func:`cost.optimizer_step_time_s`). Under tensor parallelism each
-    DTensor parameter adds ``device.tp_overhead.param_step_s[optimizer]``.
+    it, a memory-bound pass (:func:`cost.optimizer_step_time_s`). Each DTensor parameter
+    (:func:`dtensor_params`: tensor parallelism's, and every parameter under FSDP2) adds
+    ``device.tp_overhead.param_step_s[optimizer]``, measured on tensor-parallel DTensors: the same
+    dispatch, which on the bench's ZeRO-2/3 rows (4 processes, 2 cores) put the optimizer step at
+    19-42 ms for gpt against 4-9 ms under DDP (docs/accuracy.md, ninth session).
     """
     table = ctx.cluster.device.op_costs.get(ctx.dtype, {})  # type: ignore[call-overload]
     measured = table.get(f"optimizer:{ctx.optimizer}")
@@ -94,10 +97,19 @@ def optimizer_time(ctx: Context, model: ModelCosts, lay: Layout, stage: StageCos
     else:
         per_rank = tensors / shard if lay.zero == 1 else tensors
         update = (per_rank * measured.fwd_fixed_s + stage.params / shard * measured.fwd_per_unit_s) / ctx.cluster.device.compute_share
-    if lay.tp > 1:  # DTensor parameters: every op of their update goes through DTensor's dispatch
-        dtensors = sum(u.tp_param_tensors for u in units)
+    dtensors = dtensor_params(units, lay)
+    if dtensors:  # every op of their update goes through DTensor's dispatch
         update += dtensors * ctx.cluster.device.tp_overhead.param_step_s.get(ctx.optimizer, 0.0) / ctx.cluster.device.compute_share
     return update
+
+
+def dtensor_params(units: list[UnitCost], lay: Layout) -> float:
+    """Parameter tensors of ``units`` that are DTensors on a rank under ``lay``: all of them under
+    FSDP2 (ZeRO-2/3 shard every parameter over the data-parallel mesh,
+    :mod:`trainplan.runtime.data_parallel`), else those tensor parallelism shards or replicates."""
+    if lay.zero in (2, 3):
+        return sum(u.param_tensors for u in units)
+    return sum(u.tp_param_tensors for u in units) if lay.tp > 1 else 0
 
 
 def step_bookkeeping_s(ctx: Context, lay: Layout) -> float:
