@@ -10,8 +10,10 @@ each run's ``summary.json`` (``memory``/``time`` sections, :mod:`trainplan.runti
 gives per rank each component's measured value next to the estimate. Printed: a Markdown table,
 one row per plan with the worst relative error over ranks of each component, of the per-rank
 peak (the sum of the four components, measured vs estimated), the unestimated extras (ZeRO-3's
-gathered parameters, DDP's buckets) relative to that estimate, and of the step time; then a JSON
-line with every row and per-rank values. ``--repeats N`` runs every sweep N times and reports each
+gathered parameters, DDP's buckets) relative to that estimate, and of the step time; a second
+table with each time phase's error (``summary.json``'s ``time`` section: forward, backward,
+exposed data-parallel sync, bubble, update; the median over ranks); then a JSON line with every
+row and per-rank values. ``--repeats N`` runs every sweep N times and reports each
 plan's median step-time error (the runs' values in the JSON). Targets (issue 7): model states exact; activations and
 per-rank peak within 5%; step time within 20% after calibration. The last column,
 ``step_time_vs_baseline``, is the step-time error relative to the same model's dp4 row of the
@@ -98,13 +100,26 @@ def per_rank_peak(summary: dict) -> tuple[list[float], list[float]]:
     return errors, extras
 
 
+PHASES = ("forward", "backward", "dp_sync", "bubble", "update")  # summary.json's time phases with an estimate
+
+
+def phase_errors(summary: dict) -> dict[str, float | None]:
+    """Per time phase, the median over ranks of measured / estimated − 1 (None where no rank has both)."""
+    out: dict[str, float | None] = {}
+    for name in PHASES:
+        errors = [r["phases"][name]["rel_error"] for r in summary["time"]["ranks"]]
+        errors = [e for e in errors if e is not None]
+        out[name] = statistics.median(errors) if errors else None
+    return out
+
+
 def row_of(key: str, planned: object, out: Path) -> dict:
     s = json.loads((out / "summary.json").read_text())
     peak, extras = per_rank_peak(s)
     acts = [r["components"]["activations"]["rel_error"] for r in s["memory"]["ranks"]]
     return {"case": key, "status": "ok", **{c: worst(s, c) for c in COMPONENTS},
             "activations_per_rank": acts, "peak": max(peak, key=abs), "peak_per_rank": peak,
-            "unestimated": max(extras), "warnings": len(s["memory"]["warnings"]),
+            "unestimated": max(extras), "warnings": len(s["memory"]["warnings"]), "phases": phase_errors(s),
             "step_time": s["measured_step_time_s"] / planned.estimate.step_time_s - 1,
             "step_time_s": s["measured_step_time_s"], "step_time_estimate_s": planned.estimate.step_time_s}
 
@@ -148,9 +163,15 @@ def repeated(run: Callable[[int], list[dict]], repeats: int) -> list[dict]:
         row["step_time"] = statistics.median(row["step_time_runs"])
         row["step_time_s"] = statistics.median(r["step_time_s"] for r in same)
         row["step_time_estimate_s"] = statistics.median(r["step_time_estimate_s"] for r in same)
+        row["phases"] = {name: _median_or_none([r["phases"][name] for r in same]) for name in PHASES}
         if all("step_time_unrefreshed" in r for r in same):
             row["step_time_unrefreshed"] = statistics.median(r["step_time_unrefreshed"] for r in same)
     return rows
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 BASELINE = "dp4"  # each model's plain data-parallel layout: the reference of :func:`relative_to_baseline`
@@ -191,6 +212,24 @@ def refreshed_cluster(cluster: dict) -> tuple[dict, float]:
     data = fresh.model_dump(mode="json", by_alias=True, exclude_none=True)
     data.update(nodes=1, devices_per_node=4)
     return data, pace
+
+
+def phases_within(rows: list[dict], bound: float) -> dict[str, list[int]]:
+    """Per time phase, [rows whose median error is within ``bound``, rows with an estimate]."""
+    out = {}
+    for name in PHASES:
+        errors = [r["phases"][name] for r in rows if r["phases"][name] is not None]
+        out[name] = [sum(abs(e) <= bound for e in errors), len(errors)]
+    return out
+
+
+def print_phases(rows: list[dict]) -> None:
+    """The second table: per plan, each time phase's error (median over ranks and repeats)."""
+    print()
+    print(f"| {'case (time phases)':<22} | " + " | ".join(f"{name:>9}" for name in PHASES) + " |")
+    print(f"|{'-' * 24}|" + "|".join("-" * 11 for _ in PHASES) + "|")
+    for r in rows:
+        print(f"| {r['case']:<22} | " + " | ".join(f"{pct(r['phases'][name]):>9}" for name in PHASES) + " |")
 
 
 def pct(value: float | None) -> str:
@@ -259,6 +298,7 @@ def main() -> None:
             continue
         print(f"| {r['case']:<22} | " + " | ".join(f"{pct(r.get(c)):>{w}}" for c, w in zip(columns, widths)) + " |")
     ok = [r for r in rows if r["status"] == "ok"]
+    print_phases(ok)
     exact = all(r[c] == 0 for r in ok for c in ("params", "grads", "optimizer") if r[c] is not None)
     print(json.dumps({"bench": "estimate_accuracy", "cluster": args.cluster or "cpu-local preset", "steps": args.steps,
                       "repeats": args.repeats, "refreshes": refreshes,
@@ -270,6 +310,7 @@ def main() -> None:
                       **({"step_time_unrefreshed_within_20pct": sum(1 for r in ok if abs(r.get("step_time_unrefreshed", 1)) <= 0.2)}
                          if args.refresh else {}),
                       "step_time_vs_baseline_within_20pct": sum(1 for r in ok if abs(r.get("step_time_vs_baseline", 1)) <= 0.2),
+                      "phases_within_20pct": phases_within(ok, 0.2),
                       "elapsed_s": round(time.perf_counter() - start, 1), "out": str(root), "rows": rows}))
 
 

@@ -107,9 +107,10 @@ def fsdp_phases(gathers: float, hooks: float, gathers_per_microbatch: int, expos
     every micro-batch's) and its own per-unit work (``hooks``), of which ``exposed_fraction`` is not
     hidden behind compute (1 on gloo). One gather per micro-batch runs before its forward; ZeRO-3's
     second (``gathers_per_microbatch = 2``) before its backward. The per-unit work is split evenly
-    between the two passes, as measured on the bench's gpt ZeRO-2 row (4 processes, 2 cores,
-    docs/accuracy.md, ninth session: forward 65-75 ms against 6 ms of compute, 50 ms of gathers and
-    half of the 33 ms of per-unit work)."""
+    between the two passes: timed apart on the calibration's synthetic network
+    (``bench/fsdp_phases.py``: ZeRO-3 under ``set_requires_gradient_sync(False)`` less the plain
+    network and a gather per pass; 4 gloo processes on 2 cores), the forward's share came out 0.36
+    to 0.65 over six runs, 0.50 in the median one (docs/accuracy.md, ninth session)."""
     forward = gathers / gathers_per_microbatch + hooks / 2
     return DpPhases(exposed_fraction * forward, exposed_fraction * (gathers + hooks - forward), 0.0)
 
