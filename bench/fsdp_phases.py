@@ -18,7 +18,6 @@ Prints a table (ms per unit, median of the rounds) and a JSON line with the forw
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -32,25 +31,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainplan.runtime.calibrate_framework import FSDP_UNITS  # noqa: E402
+from trainplan.runtime.calibrate_framework import FSDP_UNITS, fsdp_probe_networks  # noqa: E402
 from trainplan.runtime.local_workers import WorkerContext, run_local_workers  # noqa: E402
-from trainplan.runtime.op_bench import _SyntheticBlock  # noqa: E402
 
 STEPS = 10  # training steps per timing
 
 
 def worker(ctx: WorkerContext) -> dict[str, Any]:
     """One rank: the four variants timed per pass, ``rounds`` times; medians in ms per unit."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    plain = torch.nn.Sequential(*[_SyntheticBlock(64) for _ in range(FSDP_UNITS)])
-    sharded = {}
-    for zero, reshard in ((3, True), (2, False)):
-        net = copy.deepcopy(plain)
-        for block in net:
-            fully_shard(block, reshard_after_forward=reshard)
-        sharded[zero] = fully_shard(net, reshard_after_forward=reshard)
+    plain, sharded = fsdp_probe_networks()
     x = torch.randn(1, 32, 64)
 
     def passes(model: torch.nn.Module, sync: bool = True) -> tuple[float, float]:

@@ -57,6 +57,23 @@ def _timed_loop(ctx: WorkerContext, fn: Callable[[], object], steps: int) -> flo
     return (time.perf_counter() - start) / steps
 
 
+def fsdp_probe_networks() -> tuple[torch.nn.Module, dict[int, torch.nn.Module]]:
+    """The FSDP probe's synthetic network (:class:`_SyntheticBlock` × ``FSDP_UNITS``, seed 0) plain,
+    and ``fully_shard``-ed per block and at the root as the runtime runs ZeRO-3
+    (``reshard_after_forward=True``) and ZeRO-2 (``False``), keyed by stage. Every rank must call it."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[_SyntheticBlock(64) for _ in range(FSDP_UNITS)])
+    sharded = {}
+    for zero, reshard in ((3, True), (2, False)):
+        net = copy.deepcopy(plain)
+        for block in net:
+            fully_shard(block, reshard_after_forward=reshard)
+        sharded[zero] = fully_shard(net, reshard_after_forward=reshard)
+    return plain, sharded
+
+
 def fsdp_unit_time(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_ROUNDS) -> dict[str, float]:
     """FSDP2's time per unit on this rank in a training step of one micro-batch, split into what its
     parameter all-gather, its gradient reduce-scatter and its own work (hooks, flat-buffer copies,
@@ -77,16 +94,7 @@ def fsdp_unit_time(ctx: WorkerContext, steps: int = 10, rounds: int = FRAMEWORK_
     every figure is the median over the rounds (single timings moved by 2x between calls on a
     shared machine).
     """
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    plain = torch.nn.Sequential(*[_SyntheticBlock(64) for _ in range(FSDP_UNITS)])
-    sharded = {}
-    for zero, reshard in ((3, True), (2, False)):
-        net = copy.deepcopy(plain)
-        for block in net:
-            fully_shard(block, reshard_after_forward=reshard)
-        sharded[zero] = fully_shard(net, reshard_after_forward=reshard)
+    plain, sharded = fsdp_probe_networks()
     x = torch.randn(1, 32, 64)
 
     def train(model: torch.nn.Module) -> Callable[[], None]:
